@@ -1,0 +1,1869 @@
+#!/usr/bin/env python3
+#
+# s3slower  Trace S3 (and any HTTP/1.x) requests made over TLS, host-wide.
+#           For Linux, uses BCC, eBPF.
+#
+# USAGE: s3slower.py [-h] [-p PID] [--json] [filters...]
+#
+# Uprobes on the TLS libraries' read and write entry points (OpenSSL, GnuTLS,
+# NSS/NSPR) see the plaintext HTTP before it is encrypted and after it is
+# decrypted. The kernel side keeps one small state record per TLS connection
+# (an SSL *, a gnutls session, a PRFileDesc *), stamps the first and last byte
+# of each request and response, and sends user space only the first few reads
+# and writes of each exchange; byte counting and end-of-body detection for
+# large transfers stay in the kernel. User space parses the HTTP heads, names
+# the S3 operation, bucket and key, matches each response to its request and
+# prints one line (or one JSON object) per completed request, then p50/p90/p99
+# tables at exit.
+#
+# The tool never prints credentials: Authorization and token headers are never
+# output, and signature/credential query parameters are replaced by REDACTED.
+#
+# Copyright (c) 2026 The s3slower authors. Licensed under the MIT License.
+
+import argparse
+import ctypes
+import datetime
+import errno
+import glob
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict, defaultdict, namedtuple
+from urllib.parse import unquote
+
+VERSION = "0.2.0"
+
+examples = """examples:
+    ./s3slower.py                        # trace every HTTPS request on the host
+    ./s3slower.py --json | jq .          # JSON Lines, one object per request
+    ./s3slower.py -p 1234                # only process 1234
+    ./s3slower.py --comm aws             # only processes named aws
+    ./s3slower.py --host-substr amazonaws.com --min-lat-ms 100
+    ./s3slower.py --method PUT --op PutObject --bucket logs
+    ./s3slower.py --libssl /opt/app/lib/libssl.so.3   # add a bundled copy
+    ./s3slower.py --openssl              # only OpenSSL-family libraries
+    ./s3slower.py --prometheus-port 9464 # also serve metrics on 127.0.0.1:9464
+"""
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+
+HTTP_METHODS = ("GET", "PUT", "POST", "HEAD", "DELETE", "OPTIONS", "PATCH")
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("%r must be a number >= 0" % text)
+    return value
+
+
+def port_number(text):
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("port %d is not in 1..65535" % value)
+    return value
+
+
+def pid_number(text):
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a process id" % text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("%r is not a process id" % text)
+    return value
+
+
+def method_name(text):
+    value = text.upper()
+    if value not in HTTP_METHODS:
+        raise argparse.ArgumentTypeError(
+            "unknown method %r (one of %s)" % (text, ", ".join(HTTP_METHODS)))
+    return value
+
+
+def comm_name(text):
+    if not text or len(text.encode()) > 15:
+        raise argparse.ArgumentTypeError(
+            "%r: a process name (comm) is 1 to 15 bytes" % text)
+    return text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="s3slower.py",
+        description="Trace S3/HTTP requests made over TLS, with their latency.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples)
+    parser.add_argument("-p", "--pid", type=pid_number,
+                        help="trace this process only")
+    parser.add_argument("--comm", type=comm_name,
+                        help="trace processes with this exact name only")
+    libs = parser.add_argument_group(
+        "TLS libraries (default: every family found on the host)")
+    libs.add_argument("--openssl", action="store_true",
+                      help="attach to OpenSSL-family libraries")
+    libs.add_argument("--gnutls", action="store_true",
+                      help="attach to GnuTLS")
+    libs.add_argument("--nss", action="store_true",
+                      help="attach to NSS/NSPR")
+    libs.add_argument("--libssl", action="append", default=[], metavar="PATH",
+                      help="also attach to this libssl (or binary with "
+                           "OpenSSL linked in); repeatable")
+    libs.add_argument("--libgnutls", action="append", default=[],
+                      metavar="PATH", help="also attach to this libgnutls")
+    libs.add_argument("--libnss", action="append", default=[], metavar="PATH",
+                      help="also attach to this libnspr4")
+    filters = parser.add_argument_group("filters")
+    filters.add_argument("--host-substr", metavar="TEXT",
+                         help="only requests whose Host contains TEXT")
+    filters.add_argument("--method", type=method_name,
+                         help="only requests with this HTTP method")
+    filters.add_argument("--op", metavar="OP",
+                         help="only this S3 operation (e.g. GetObject)")
+    filters.add_argument("--bucket", metavar="NAME",
+                         help="only requests to this bucket")
+    filters.add_argument("--min-lat-ms", type=positive_float, default=0.0,
+                         metavar="MS", help="only requests at least this slow")
+    filters.add_argument("--include-unknown", action="store_true",
+                         help="also report exchanges whose request was not "
+                              "seen or not parsed (method shown as '-')")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true",
+                     help="print JSON Lines, one object per request")
+    out.add_argument("--prometheus-port", type=port_number, metavar="PORT",
+                     help="serve Prometheus metrics on this port")
+    out.add_argument("--prometheus-addr", default="127.0.0.1", metavar="ADDR",
+                     help="address for --prometheus-port (default 127.0.0.1)")
+    out.add_argument("--max-label-values", type=int, default=100, metavar="N",
+                     help="distinct values per metric label before folding "
+                          "into 'other' (default 100)")
+    out.add_argument("--no-stats", action="store_true",
+                     help="do not print the statistics tables at exit")
+    parser.add_argument("--version", action="version",
+                        version="s3slower " + VERSION)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_label_values < 1:
+        parser.error("--max-label-values must be at least 1")
+    if args.op is not None and args.op not in S3_OPERATIONS:
+        parser.error("unknown --op %r (see README for the list)" % args.op)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Library discovery
+# ---------------------------------------------------------------------------
+
+# Each family: the sonames that carry its I/O entry points, and the probes.
+# A probe is (symbol, kind) where kind says which C handlers take it.
+LIB_OPENSSL, LIB_GNUTLS, LIB_NSS = 1, 2, 3
+LIB_NAMES = {LIB_OPENSSL: "openssl", LIB_GNUTLS: "gnutls", LIB_NSS: "nss"}
+
+FAMILIES = OrderedDict([
+    ("openssl", dict(lib=LIB_OPENSSL, pattern=re.compile(r"libssl\.so(\.|$)"),
+                     probes=[("SSL_write", "write"), ("SSL_write_ex", "write_ex"),
+                             ("SSL_read", "read"), ("SSL_read_ex", "read_ex"),
+                             ("SSL_shutdown", "close"), ("SSL_free", "close")])),
+    ("gnutls", dict(lib=LIB_GNUTLS, pattern=re.compile(r"libgnutls\.so(\.|$)"),
+                    probes=[("gnutls_record_send", "write"),
+                            ("gnutls_record_recv", "read"),
+                            ("gnutls_bye", "close"), ("gnutls_deinit", "close")])),
+    ("nss", dict(lib=LIB_NSS, pattern=re.compile(r"libnspr4\.so(\.|$)"),
+                 probes=[("PR_Write", "write"), ("PR_Send", "write"),
+                         ("PR_Read", "read"), ("PR_Recv", "read"),
+                         ("PR_Close", "close")])),
+])
+
+LibraryFile = namedtuple("LibraryFile", "family path")
+
+
+def loader_cache_paths():
+    """Library paths from the dynamic loader's cache (ldconfig -p)."""
+    for ldconfig in ("/sbin/ldconfig", "/usr/sbin/ldconfig", "ldconfig"):
+        try:
+            out = subprocess.run([ldconfig, "-p"], capture_output=True,
+                                 text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in out.splitlines():
+            if "=>" in line:
+                yield line.split("=>", 1)[1].strip()
+        return
+
+
+def mapped_library_paths(pids):
+    """Executable file mappings of the given processes, as host paths."""
+    for pid in pids:
+        try:
+            with open("/proc/%d/maps" % pid) as maps:
+                lines = maps.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/") and \
+                    ".so" in parts[5]:
+                path = parts[5]
+                if path.endswith(" (deleted)"):
+                    continue
+                host_path = "/proc/%d/root%s" % (pid, path)
+                yield host_path if os.path.exists(host_path) else path
+
+
+def all_pids():
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def discover_libraries(families, extra, pid=None):
+    """Distinct library files to attach to, one per (family, inode).
+
+    families: names from FAMILIES to auto-discover; extra: list of
+    (family, path) the user forced. With pid, only what that process maps.
+    """
+    found, seen = [], set()
+
+    def add(family, path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        ident = (family, st.st_dev, st.st_ino)
+        if ident not in seen:
+            seen.add(ident)
+            found.append(LibraryFile(family, path))
+
+    for family, path in extra:
+        add(family, path)
+    # The loader's cache too with --pid: the process may load TLS later.
+    candidates = list(mapped_library_paths([pid] if pid else all_pids()))
+    candidates += list(loader_cache_paths())
+    for path in candidates:
+        name = os.path.basename(path)
+        for family in families:
+            if FAMILIES[family]["pattern"].search(name):
+                add(family, path)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# BPF program
+# ---------------------------------------------------------------------------
+
+MAX_DATA = 4096           # bytes of one read or write copied to user space
+MAX_WRITE_EVENTS = 4      # writes of a request sent with data
+MAX_READ_EVENTS = 4       # reads of a response sent before user space decides
+
+EV_WRITE, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT = 1, 2, 3, 4, 5
+MODE_LENGTH, MODE_CHUNKED, MODE_CLOSE = 1, 2, 3
+
+BPF_TEXT = r"""
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+#define MAX_DATA __MAX_DATA__
+#define MAX_WRITE_EVENTS __MAX_WRITE_EVENTS__
+#define MAX_READ_EVENTS __MAX_READ_EVENTS__
+
+enum { EV_WRITE = 1, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT };
+enum { PHASE_NEW = 0, PHASE_REQ, PHASE_RESP, PHASE_IGNORED };
+enum { MODE_LENGTH = 1, MODE_CHUNKED, MODE_CLOSE };
+enum { STAT_LOST = 0, STAT_CALL_COLLISION = 1 };
+
+/* A connection is whatever handle the library hands its callers: SSL *,
+ * gnutls_session_t, PRFileDesc *; later a Go *Conn or a (pid, fd). */
+struct conn_key {
+    u64 handle;
+    u32 tgid;
+    u32 lib;
+};
+
+struct conn_state {
+    u64 req_start;      /* entry of the request's first write */
+    u64 req_end;        /* return of its last write */
+    u64 req_bytes;
+    u64 resp_start;     /* return of the response's first read */
+    u64 resp_end;       /* return of its last read */
+    u64 resp_bytes;
+    u32 seq;            /* requests started on this connection */
+    u32 rphase;         /* read phases started: ties user control to one */
+    u16 wr_events;
+    u16 rd_events;
+    u8 phase;
+    u8 chunk_end;       /* last read ended with a chunked terminator */
+    u8 pad[2];
+};
+
+/* Set by user space once it has parsed a response head: how the kernel
+ * decides alone that the body is complete. */
+struct conn_ctl {
+    u64 expect;         /* MODE_LENGTH: resp_bytes when the body is done */
+    u32 rphase;
+    u8 mode;
+    u8 stream;          /* keep sending read data (error bodies) */
+    u8 pad[2];
+};
+
+struct call_args {
+    u64 handle;
+    u64 buf;
+    u64 sizep;          /* *_ex variants: where the byte count is stored */
+    u64 start;
+    u64 sp;             /* stack pointer at entry: tells nested calls apart */
+    u32 lib;
+    u32 pad;
+};
+
+struct event {
+    u64 ts;
+    u64 handle;
+    u32 tgid;
+    u32 tid;
+    u32 len;            /* bytes this call moved */
+    u32 cap;            /* bytes of data[] filled */
+    u32 seq;
+    u32 rphase;
+    u8 type;
+    u8 lib;
+    u8 flags;
+    u8 pad[5];
+    u64 req_start;
+    u64 req_end;
+    u64 req_bytes;
+    u64 resp_start;
+    u64 resp_end;
+    u64 resp_bytes;
+    char comm[TASK_COMM_LEN];
+    char data[MAX_DATA];
+};
+
+BPF_HASH(calls, u32, struct call_args, 16384);
+BPF_TABLE("lru_hash", struct conn_key, struct conn_state, conns, __MAX_CONNS__);
+BPF_TABLE("lru_hash", struct conn_key, struct conn_ctl, ctls, __MAX_CONNS__);
+BPF_TABLE("lru_hash", u32, u8, procs, 16384);
+BPF_PERCPU_ARRAY(scratch, struct event, 1);
+BPF_ARRAY(stats, u64, 4);
+BPF_RINGBUF_OUTPUT(events, __RINGBUF_PAGES__);
+
+static __always_inline int pass_filters(u32 tgid)
+{
+    __PID_FILTER__
+    __COMM_FILTER__
+    return 1;
+}
+
+/* Clamp v to [0, max] in a way the verifier sees: the empty asm stops the
+ * compiler from folding the clamp into the arithmetic before it. */
+#define bound_value(v, max) do {                \
+        asm volatile("" : "+r"(v));             \
+        if ((v) > (max))                        \
+            (v) = (max);                        \
+    } while (0)
+
+static __always_inline void count_stat(int idx)
+{
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+/* First bytes of an HTTP/1.x request line. */
+static __always_inline int is_request_start(const char *p)
+{
+    switch (p[0]) {
+    case 'G': return p[1] == 'E' && p[2] == 'T' && p[3] == ' ';
+    case 'P': return (p[1] == 'U' && p[2] == 'T' && p[3] == ' ') ||
+                     (p[1] == 'O' && p[2] == 'S' && p[3] == 'T') ||
+                     (p[1] == 'A' && p[2] == 'T' && p[3] == 'C');
+    case 'H': return p[1] == 'E' && p[2] == 'A' && p[3] == 'D';
+    case 'D': return p[1] == 'E' && p[2] == 'L' && p[3] == 'E';
+    case 'O': return p[1] == 'P' && p[2] == 'T' && p[3] == 'I';
+    }
+    return 0;
+}
+
+static __always_inline void send_event(u8 type, struct conn_key *k,
+                                       struct conn_state *s, u64 now,
+                                       u32 len, u64 buf, u8 flags)
+{
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!e)
+        return;
+    u64 id = bpf_get_current_pid_tgid();
+    e->ts = now;
+    e->handle = k->handle;
+    e->tgid = k->tgid;
+    e->tid = (u32)id;
+    e->len = len;
+    e->seq = s->seq;
+    e->rphase = s->rphase;
+    e->type = type;
+    e->lib = k->lib;
+    e->flags = flags;
+    e->req_start = s->req_start;
+    e->req_end = s->req_end;
+    e->req_bytes = s->req_bytes;
+    e->resp_start = s->resp_start;
+    e->resp_end = s->resp_end;
+    e->resp_bytes = s->resp_bytes;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    u64 cap = 0;
+    if (buf) {
+        cap = len;
+        bound_value(cap, MAX_DATA);
+        if (bpf_probe_read_user(&e->data, cap, (void *)buf) != 0)
+            cap = 0;
+    }
+    e->cap = cap;
+    u64 size = offsetof(struct event, data) + cap;
+    bound_value(size, sizeof(*e));
+    if (events.ringbuf_output(e, size, 0) != 0)
+        count_stat(STAT_LOST);
+}
+
+static __always_inline int enter_io(struct pt_regs *ctx, u32 lib, u64 handle,
+                                    u64 buf, u64 sizep, int is_read)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    if (!handle || !pass_filters(tgid))
+        return 0;
+    if (is_read) {
+        /* Reads only matter on connections that already sent HTTP. */
+        struct conn_key k = {.handle = handle, .tgid = tgid, .lib = lib};
+        struct conn_state *s = conns.lookup(&k);
+        if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
+            return 0;
+    }
+    struct call_args a = {.handle = handle, .buf = buf, .sizep = sizep,
+                          .start = bpf_ktime_get_ns(),
+                          .sp = PT_REGS_SP(ctx), .lib = lib};
+    /* An outer call of the same thread is in progress (a library entry
+     * point calling another one): the outer call is the one we report. */
+    if (calls.insert(&tid, &a) != 0)
+        count_stat(STAT_CALL_COLLISION);
+    return 0;
+}
+
+/* Bytes moved by the call that is returning, or 0. */
+static __always_inline u64 returned_bytes(struct pt_regs *ctx,
+                                          struct call_args *a)
+{
+    /* OpenSSL and NSPR return int; only GnuTLS returns ssize_t. */
+    long ret = a->lib == 2 ? (long)PT_REGS_RC(ctx) : (long)(int)PT_REGS_RC(ctx);
+    if (a->sizep) {
+        if (ret != 1)
+            return 0;
+        u64 n = 0;
+        bpf_probe_read_user(&n, sizeof(n), (void *)a->sizep);
+        return n;
+    }
+    return ret > 0 ? (u64)ret : 0;
+}
+
+static __always_inline int take_call(struct pt_regs *ctx, struct call_args *out)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct call_args *a = calls.lookup(&tid);
+    if (!a)
+        return 0;
+    /* A uretprobe sees the stack pointer just above the return address:
+     * only the call that stored these arguments may take them. */
+    if (PT_REGS_SP(ctx) != a->sp + 8)
+        return 0;
+    *out = *a;
+    calls.delete(&tid);
+    return 1;
+}
+
+static __always_inline int exit_write(struct pt_regs *ctx)
+{
+    struct call_args a;
+    if (!take_call(ctx, &a))
+        return 0;
+    u64 n = returned_bytes(ctx, &a);
+    if (n == 0)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct conn_key k = {.handle = a.handle, .tgid = tgid, .lib = a.lib};
+    char head[4] = {};
+    if (n >= 4)
+        bpf_probe_read_user(head, sizeof(head), (void *)a.buf);
+    int is_req = is_request_start(head);
+
+    struct conn_state *s = conns.lookup(&k);
+    if (!s) {
+        struct conn_state fresh = {};
+        /* A connection that does not open with an HTTP request is not
+         * HTTP/1.x (HTTP/2, another protocol): ignored from now on. */
+        fresh.phase = is_req ? PHASE_NEW : PHASE_IGNORED;
+        conns.update(&k, &fresh);
+        if (!is_req)
+            return 0;
+        u8 one = 1;
+        procs.update(&tgid, &one);
+        s = conns.lookup(&k);
+        if (!s)
+            return 0;
+    }
+    if (s->phase == PHASE_IGNORED)
+        return 0;
+    if (is_req) {
+        s->seq++;
+        s->phase = PHASE_REQ;
+        s->req_start = a.start;
+        s->req_bytes = 0;
+        s->wr_events = 0;
+        s->resp_start = 0;
+        s->resp_end = 0;
+        s->resp_bytes = 0;
+        s->rd_events = 0;
+        s->chunk_end = 0;
+    } else if (s->phase == PHASE_RESP) {
+        /* More request body after an interim response (100 Continue):
+         * the final response starts a new read phase. */
+        s->phase = PHASE_REQ;
+        s->resp_start = 0;
+        s->resp_end = 0;
+        s->resp_bytes = 0;
+        s->rd_events = 0;
+        s->chunk_end = 0;
+    }
+    s->req_end = now;
+    s->req_bytes += n;
+    if (s->wr_events < MAX_WRITE_EVENTS || is_req) {
+        s->wr_events++;
+        send_event(EV_WRITE, &k, s, now, n, a.buf, 0);
+    }
+    return 0;
+}
+
+/* Does this read end a chunked body ("0\r\n\r\n", maybe after "\r\n")? */
+static __always_inline u8 ends_chunked(u64 buf, u64 n)
+{
+    char t[8] = {};
+    if (n >= 7) {
+        bpf_probe_read_user(t, 7, (void *)(buf + n - 7));
+        return t[0] == '\r' && t[1] == '\n' && t[2] == '0' && t[3] == '\r' &&
+               t[4] == '\n' && t[5] == '\r' && t[6] == '\n';
+    }
+    if (n == 5) {
+        bpf_probe_read_user(t, 5, (void *)buf);
+        return t[0] == '0' && t[1] == '\r' && t[2] == '\n' && t[3] == '\r' &&
+               t[4] == '\n';
+    }
+    return 0;
+}
+
+static __always_inline int exit_read(struct pt_regs *ctx)
+{
+    struct call_args a;
+    if (!take_call(ctx, &a))
+        return 0;
+    u64 n = returned_bytes(ctx, &a);
+    if (n == 0)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct conn_key k = {.handle = a.handle, .tgid = tgid, .lib = a.lib};
+    struct conn_state *s = conns.lookup(&k);
+    if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
+        return 0;
+    if (s->phase == PHASE_REQ) {
+        s->phase = PHASE_RESP;
+        s->rphase++;
+        s->resp_start = now;
+        s->resp_bytes = 0;
+        s->rd_events = 0;
+    }
+    u64 before = s->resp_bytes;
+    s->resp_bytes += n;
+    s->resp_end = now;
+    s->chunk_end = ends_chunked(a.buf, n);
+
+    u8 type = EV_READ;
+    int emit = s->rd_events < MAX_READ_EVENTS;
+    struct conn_ctl *c = ctls.lookup(&k);
+    if (c && c->rphase == s->rphase) {
+        emit = c->stream;
+        if ((c->mode == MODE_LENGTH && before < c->expect &&
+             s->resp_bytes >= c->expect) ||
+            (c->mode == MODE_CHUNKED && s->chunk_end)) {
+            type = EV_DONE;
+            emit = 1;
+        }
+    }
+    if (s->rd_events < 0xffff)
+        s->rd_events++;
+    if (emit)
+        send_event(type, &k, s, now, n, a.buf, s->chunk_end);
+    return 0;
+}
+
+static __always_inline int close_conn(struct pt_regs *ctx, u32 lib, u64 handle)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct conn_key k = {.handle = handle, .tgid = tgid, .lib = lib};
+    struct conn_state *s = conns.lookup(&k);
+    if (!s)
+        return 0;
+    if (s->phase == PHASE_REQ || s->phase == PHASE_RESP)
+        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0, 0);
+    conns.delete(&k);
+    ctls.delete(&k);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (tgid != (u32)id || !procs.lookup(&tgid))
+        return 0;
+    procs.delete(&tgid);
+    struct conn_key k = {.tgid = tgid};
+    struct conn_state s = {};
+    send_event(EV_EXIT, &k, &s, bpf_ktime_get_ns(), 0, 0, 0);
+    return 0;
+}
+
+/* Entry points, one set per library family. */
+#define IO_PROBES(fam, lib)                                                  \
+int fam##_write_enter(struct pt_regs *ctx) {                                 \
+    return enter_io(ctx, lib, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, 0); \
+}                                                                            \
+int fam##_read_enter(struct pt_regs *ctx) {                                  \
+    return enter_io(ctx, lib, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, 1); \
+}                                                                            \
+int fam##_write_exit(struct pt_regs *ctx) { return exit_write(ctx); }        \
+int fam##_read_exit(struct pt_regs *ctx) { return exit_read(ctx); }          \
+int fam##_close_enter(struct pt_regs *ctx) {                                 \
+    return close_conn(ctx, lib, PT_REGS_PARM1(ctx));                         \
+}
+
+IO_PROBES(openssl, 1)
+IO_PROBES(gnutls, 2)
+IO_PROBES(nss, 3)
+
+/* SSL_write_ex/SSL_read_ex(ssl, buf, num, size_t *done): return 1 or 0. */
+int openssl_write_ex_enter(struct pt_regs *ctx) {
+    return enter_io(ctx, 1, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx),
+                    PT_REGS_PARM4(ctx), 0);
+}
+int openssl_read_ex_enter(struct pt_regs *ctx) {
+    return enter_io(ctx, 1, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx),
+                    PT_REGS_PARM4(ctx), 1);
+}
+"""
+
+
+def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024):
+    """The C text with filters and sizes compiled in."""
+    pid_filter = "if (tgid != %d) return 0;" % pid if pid else ""
+    comm_filter = ""
+    if comm:
+        want = comm.encode()[:15]
+        checks = " || ".join("c[%d] != %d" % (i, b) for i, b in enumerate(want))
+        checks += " || c[%d] != 0" % len(want)
+        comm_filter = ("char c[TASK_COMM_LEN] = {}; "
+                       "bpf_get_current_comm(&c, sizeof(c)); "
+                       "if (%s) return 0;" % checks)
+    text = BPF_TEXT
+    for name, value in (("__MAX_DATA__", MAX_DATA),
+                        ("__MAX_WRITE_EVENTS__", MAX_WRITE_EVENTS),
+                        ("__MAX_READ_EVENTS__", MAX_READ_EVENTS),
+                        ("__MAX_CONNS__", max_conns),
+                        ("__RINGBUF_PAGES__", ringbuf_pages),
+                        ("__PID_FILTER__", pid_filter),
+                        ("__COMM_FILTER__", comm_filter)):
+        text = text.replace(name, str(value))
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Event decoding
+# ---------------------------------------------------------------------------
+
+# struct event up to data[]: must match the C layout above.
+EVENT_HEAD = struct.Struct("<QQIIIIII BBB5x QQQQQQ 16s")
+Event = namedtuple("Event", "ts handle tgid tid len cap seq rphase type lib "
+                            "flags req_start req_end req_bytes resp_start "
+                            "resp_end resp_bytes comm data")
+
+
+def decode_event(raw):
+    """Event from the bytes of one ring buffer record."""
+    fields = EVENT_HEAD.unpack_from(raw)
+    cap = fields[5]
+    data = bytes(raw[EVENT_HEAD.size:EVENT_HEAD.size + cap])
+    comm = fields[-1].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return Event(*fields[:-1], comm, data)
+
+
+# ---------------------------------------------------------------------------
+# HTTP/S3 parsing (pure functions)
+# ---------------------------------------------------------------------------
+
+HEAD_END = b"\r\n\r\n"
+MAX_HEAD = 64 * 1024      # a head larger than this is not buffered further
+
+RequestHead = namedtuple("RequestHead", "method target version headers length")
+ResponseHead = namedtuple("ResponseHead", "version status reason headers length")
+
+
+def _split_head(data):
+    """(lines, length) of a complete HTTP head in data, or None."""
+    end = data.find(HEAD_END)
+    if end < 0:
+        return None
+    text = data[:end].decode("latin-1")
+    return text.split("\r\n"), end + 4
+
+
+def _parse_headers(lines):
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def parse_request_head(data):
+    """RequestHead from bytes starting with a request line, else None."""
+    split = _split_head(data)
+    if split is None:
+        return None
+    lines, length = split
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[0] not in HTTP_METHODS or \
+            not parts[2].startswith("HTTP/"):
+        return None
+    return RequestHead(parts[0], parts[1], parts[2], _parse_headers(lines[1:]),
+                       length)
+
+
+def parse_response_head(data):
+    """ResponseHead from bytes starting with a status line, else None."""
+    split = _split_head(data)
+    if split is None:
+        return None
+    lines, length = split
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or \
+            not parts[1].isdigit() or len(parts[1]) != 3:
+        return None
+    return ResponseHead(parts[0], int(parts[1]),
+                        parts[2] if len(parts) > 2 else "",
+                        _parse_headers(lines[1:]), length)
+
+
+def content_length(headers):
+    value = headers.get("content-length")
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def response_framing(method, response):
+    """How the response body ends: ('none'|'length'|'chunked'|'close', n)."""
+    status = response.status
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return "none", 0
+    if "chunked" in response.headers.get("transfer-encoding", "").lower():
+        return "chunked", None
+    length = content_length(response.headers)
+    if length is not None:
+        return ("length", length) if length else ("none", 0)
+    return "close", None
+
+
+# Query parameters whose values are secrets (compared lowercased).
+SECRET_PARAMS = frozenset((
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+    "signature", "awsaccesskeyid", "x-amz-s3session-token", "sig",
+    "x-goog-signature", "x-goog-credential", "access_token", "token"))
+
+
+def redact_target(target):
+    """The request target with secret query values replaced by REDACTED."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    params = []
+    for param in query.split("&"):
+        name, eq, _value = param.partition("=")
+        if eq and unquote(name).lower() in SECRET_PARAMS:
+            param = name + "=REDACTED"
+        params.append(param)
+    return path + "?" + "&".join(params)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+
+
+def escape_text(text):
+    """Control characters and backslashes as \\xNN: one request, one line."""
+    if text is None:
+        return None
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
+S3Target = namedtuple("S3Target", "endpoint bucket key query")
+
+_AWS_VHOST = re.compile(
+    r"^(?P<bucket>.+)\.(?P<endpoint>s3[.-](?:[a-z0-9-]+\.)*amazonaws\.com(?:\.cn)?)$")
+_IP_HOST = re.compile(r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\])$")
+
+
+def split_host_port(host):
+    """('host', 'port' or None) for Host header values incl. IPv6 literals."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end > 0:
+            port = host[end + 2:] if host[end + 1:end + 2] == ":" else None
+            return host[:end + 1], port or None
+        return host, None
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit():
+        return name, port
+    return host, None
+
+
+def parse_query(query):
+    params = {}
+    if query:
+        for part in query.split("&"):
+            name, _eq, value = part.partition("=")
+            params[unquote(name).lower()] = unquote(value)
+    return params
+
+
+def s3_target(host, target, bucket_hosts=()):
+    """Endpoint, bucket, key and query of an S3 request.
+
+    Virtual-hosted style when the Host has a bucket label in front of an
+    AWS S3 endpoint, or of a `s3.` / known custom endpoint; path style
+    otherwise.
+    """
+    host = (host or "").strip().lower()
+    name, port = split_host_port(host)
+    path, _sep, query = target.partition("?")
+    if path.startswith("http://") or path.startswith("https://"):
+        path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else "/"
+    bucket = None
+    endpoint = name
+    match = _AWS_VHOST.match(name)
+    if match and not match.group("bucket").startswith("s3"):
+        bucket, endpoint = match.group("bucket"), match.group("endpoint")
+    elif not _IP_HOST.match(name):
+        label, dot, rest = name.partition(".")
+        if dot and (rest.startswith("s3.") or rest.startswith("s3-") or
+                    rest in bucket_hosts) and label not in ("s3", "www"):
+            bucket, endpoint = label, rest
+    if port:
+        endpoint = "%s:%s" % (endpoint, port)
+    segments = path.lstrip("/")
+    if bucket is None:
+        first, slash, rest = segments.partition("/")
+        bucket = unquote(first) or None
+        key = unquote(rest) if slash and rest else None
+    else:
+        key = unquote(segments) or None
+    return S3Target(endpoint or None, bucket, key, parse_query(query))
+
+
+def s3_operation(method, target, headers):
+    """S3 API operation name, or None when the request is not S3-shaped."""
+    bucket, key, q = target.bucket, target.key, target.query
+    if method == "GET":
+        if bucket is None:
+            return "ListBuckets"
+        if key is None:
+            for param, op in (("uploads", "ListMultipartUploads"),
+                              ("versions", "ListObjectVersions"),
+                              ("location", "GetBucketLocation"),
+                              ("policy", "GetBucketPolicy"),
+                              ("acl", "GetBucketAcl"),
+                              ("tagging", "GetBucketTagging"),
+                              ("versioning", "GetBucketVersioning"),
+                              ("lifecycle", "GetBucketLifecycleConfiguration"),
+                              ("cors", "GetBucketCors")):
+                if param in q:
+                    return op
+            return "ListObjectsV2" if q.get("list-type") == "2" \
+                else "ListObjects"
+        if "uploadid" in q:
+            return "ListParts"
+        for param, op in (("tagging", "GetObjectTagging"),
+                          ("acl", "GetObjectAcl"),
+                          ("attributes", "GetObjectAttributes"),
+                          ("retention", "GetObjectRetention"),
+                          ("legal-hold", "GetObjectLegalHold")):
+            if param in q:
+                return op
+        return "GetObject"
+    if method == "HEAD":
+        if bucket is None:
+            return None
+        return "HeadObject" if key else "HeadBucket"
+    if method == "PUT":
+        if bucket is None:
+            return None
+        if key is None:
+            for param, op in (("policy", "PutBucketPolicy"),
+                              ("acl", "PutBucketAcl"),
+                              ("tagging", "PutBucketTagging"),
+                              ("versioning", "PutBucketVersioning"),
+                              ("lifecycle", "PutBucketLifecycleConfiguration"),
+                              ("cors", "PutBucketCors")):
+                if param in q:
+                    return op
+            return "CreateBucket"
+        if "partnumber" in q and "uploadid" in q:
+            return "UploadPartCopy" if "x-amz-copy-source" in headers \
+                else "UploadPart"
+        for param, op in (("tagging", "PutObjectTagging"),
+                          ("acl", "PutObjectAcl"),
+                          ("retention", "PutObjectRetention"),
+                          ("legal-hold", "PutObjectLegalHold")):
+            if param in q:
+                return op
+        if "x-amz-copy-source" in headers:
+            return "CopyObject"
+        return "PutObject"
+    if method == "DELETE":
+        if bucket is None:
+            return None
+        if key is None:
+            for param, op in (("policy", "DeleteBucketPolicy"),
+                              ("tagging", "DeleteBucketTagging"),
+                              ("lifecycle", "DeleteBucketLifecycle"),
+                              ("cors", "DeleteBucketCors")):
+                if param in q:
+                    return op
+            return "DeleteBucket"
+        if "uploadid" in q:
+            return "AbortMultipartUpload"
+        if "tagging" in q:
+            return "DeleteObjectTagging"
+        return "DeleteObject"
+    if method == "POST":
+        if bucket is None:
+            return None
+        if key is None:
+            if "delete" in q:
+                return "DeleteObjects"
+            if "multipart/form-data" in headers.get("content-type", ""):
+                return "PostObject"
+            return None
+        if "uploads" in q:
+            return "CreateMultipartUpload"
+        if "uploadid" in q:
+            return "CompleteMultipartUpload"
+        if "restore" in q:
+            return "RestoreObject"
+        if "select" in q:
+            return "SelectObjectContent"
+        return None
+    return None
+
+
+S3_OPERATIONS = frozenset("""
+GetObject PutObject HeadObject DeleteObject DeleteObjects CopyObject
+ListObjectsV2 ListObjects ListObjectVersions ListBuckets HeadBucket
+CreateBucket DeleteBucket GetBucketLocation CreateMultipartUpload UploadPart
+UploadPartCopy CompleteMultipartUpload AbortMultipartUpload ListParts
+ListMultipartUploads GetObjectTagging PutObjectTagging DeleteObjectTagging
+GetObjectAcl PutObjectAcl GetBucketPolicy PutBucketPolicy DeleteBucketPolicy
+PostObject RestoreObject SelectObjectContent GetBucketAcl PutBucketAcl
+GetBucketTagging PutBucketTagging DeleteBucketTagging GetBucketVersioning
+PutBucketVersioning GetBucketLifecycleConfiguration
+PutBucketLifecycleConfiguration DeleteBucketLifecycle GetBucketCors
+PutBucketCors DeleteBucketCors GetObjectAttributes GetObjectRetention
+PutObjectRetention GetObjectLegalHold PutObjectLegalHold
+""".split())
+
+_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.\-_]{1,64})</Code>")
+
+
+def s3_error_code(body):
+    match = _ERROR_CODE.search(body)
+    return match.group(1).decode("ascii") if match else None
+
+
+def is_s3_request(headers, target):
+    """Whether the request carries S3 signing or S3 headers."""
+    auth = headers.get("authorization", "")
+    if auth.startswith("AWS4-HMAC-SHA256") or auth.startswith("AWS "):
+        return True
+    if any(name.startswith("x-amz-") for name in headers):
+        return True
+    return any(p in target.query for p in ("x-amz-signature", "signature"))
+
+
+# ---------------------------------------------------------------------------
+# Request assembly
+# ---------------------------------------------------------------------------
+
+# One completed (or abandoned) request: what every output prints.
+Request = namedtuple("Request", """start_ns pid tid comm lib host endpoint method
+    path bucket key op status req_bytes resp_bytes ttfb_ms latency_ms
+    turnaround_ms request_id error_code complete""")
+
+NS_PER_MS = 1e6
+
+
+class Exchange:
+    """One request on one connection, from its first write to its end."""
+
+    __slots__ = ("seq", "tid", "comm", "start_ns", "req_buf", "req", "rphase",
+                 "resp_buf", "resp_seen", "resp", "resp_offset", "framing",
+                 "expect", "body", "decided", "last")
+
+    def __init__(self, event):
+        self.seq = event.seq
+        self.tid = event.tid
+        self.comm = event.comm
+        self.start_ns = event.req_start
+        self.req_buf = event.data
+        self.req = None
+        self.rphase = None
+        self.resp_buf = b""
+        self.resp_seen = 0       # bytes read in this read phase, per events
+        self.resp = None
+        self.resp_offset = 0     # start of the final response's head
+        self.framing = None
+        self.expect = None
+        self.body = b""
+        self.decided = False
+        self.last = event
+
+
+class Assembler:
+    """Turns decoded events into completed Requests.
+
+    control(event, mode, expect, stream) asks the kernel to finish the body
+    alone; peek(event) returns the kernel's current (resp_bytes, resp_end,
+    chunk_end, rphase, reads) for the event's connection or None. Both default to
+    no-ops so tests can drive it with synthetic events.
+    """
+
+    def __init__(self, emit, control=None, peek=None, include_unknown=False,
+                 max_conns=65536):
+        self.emit = emit
+        self.control = control or (lambda *a: None)
+        self.peek = peek or (lambda e: None)
+        self.include_unknown = include_unknown
+        self.max_conns = max_conns
+        self.conns = OrderedDict()   # (tgid, lib, handle) -> Exchange
+        self.unmatched = 0
+        self.incomplete = 0
+
+    def feed(self, event):
+        kind = event.type
+        if kind == EV_EXIT:
+            self._process_exit(event.tgid)
+            return
+        key = (event.tgid, event.lib, event.handle)
+        ex = self.conns.get(key)
+        if kind == EV_WRITE:
+            if ex is not None and event.seq != ex.seq:
+                # A new request on a connection whose previous one did not
+                # finish (pipelining, a lost event, a reset connection).
+                self._finish(key, ex, ex.last, complete=False)
+                ex = None
+            if ex is None:
+                ex = Exchange(event)
+                self._remember(key, ex)
+            else:
+                if ex.req is None and len(ex.req_buf) < MAX_HEAD:
+                    ex.req_buf += event.data
+            ex.last = event
+            if ex.req is None:
+                ex.req = parse_request_head(ex.req_buf)
+                if ex.req is not None:
+                    ex.req_buf = b""
+            return
+        if ex is None or event.seq != ex.seq:
+            if kind in (EV_READ, EV_DONE) and self.include_unknown:
+                self.unmatched += 1
+            return
+        ex.last = event
+        if kind == EV_CLOSE:
+            self._finish(key, ex, event, complete=self._body_done(ex, event))
+            return
+        if event.rphase != ex.rphase:
+            # A new read phase: a final response after 100 Continue.
+            ex.rphase = event.rphase
+            ex.resp_buf, ex.resp_seen, ex.resp = b"", 0, None
+            ex.body, ex.decided = b"", False
+        ex.resp_seen += event.len
+        if ex.resp is None:
+            self._read_head(ex, event)
+            if ex.resp is None:
+                return
+        elif len(ex.body) < MAX_DATA:
+            ex.body += event.data[:MAX_DATA - len(ex.body)]
+        if kind == EV_DONE or self._body_done(ex, event):
+            self._finish(key, ex, event, complete=True)
+        elif not ex.decided:
+            self._decide(key, ex, event)
+
+    def _read_head(self, ex, event):
+        if len(ex.resp_buf) < MAX_HEAD:
+            ex.resp_buf += event.data
+        while True:
+            head = parse_response_head(ex.resp_buf)
+            if head is None:
+                return
+            if 100 <= head.status < 200:
+                # Interim response: the final one follows in the buffer.
+                ex.resp_offset += head.length
+                ex.resp_buf = ex.resp_buf[head.length:]
+                continue
+            ex.resp = head
+            ex.body = ex.resp_buf[head.length:head.length + MAX_DATA]
+            ex.resp_buf = b""
+            method = ex.req.method if ex.req else None
+            ex.framing, length = response_framing(method, head)
+            ex.expect = ex.resp_offset + head.length + (length or 0)
+            return
+
+    def _body_done(self, ex, event):
+        """Whether the kernel counters in event show the body complete."""
+        if ex.resp is None:
+            return False
+        if ex.framing == "none":
+            return True
+        if ex.framing == "length":
+            return event.resp_bytes >= ex.expect
+        if ex.framing == "chunked":
+            return bool(event.flags)
+        return event.type == EV_CLOSE
+
+    def _decide(self, key, ex, event):
+        """Hand the rest of the body to the kernel, closing the race."""
+        ex.decided = True
+        mode = {"length": MODE_LENGTH, "chunked": MODE_CHUNKED}.get(
+            ex.framing, MODE_CLOSE)
+        stream = ex.resp.status >= 300
+        self.control(event, mode, ex.expect or 0, stream)
+        now = self.peek(event)
+        if now is None:
+            return
+        resp_bytes, resp_end, chunk_end, rphase, reads = now
+        if rphase != event.rphase or reads <= MAX_READ_EVENTS:
+            return   # every read so far was sent: its event will finish it
+        done = (mode == MODE_LENGTH and resp_bytes >= ex.expect) or \
+               (mode == MODE_CHUNKED and chunk_end)
+        if done:
+            self._finish(key, ex, event._replace(resp_bytes=resp_bytes,
+                                                 resp_end=resp_end),
+                         complete=True)
+
+    def _remember(self, key, ex):
+        self.conns[key] = ex
+        self.conns.move_to_end(key)
+        while len(self.conns) > self.max_conns:
+            old_key, old = self.conns.popitem(last=False)
+            self._finish(old_key, old, old.last, complete=False, pop=False)
+
+    def _process_exit(self, tgid):
+        for key in [k for k in self.conns if k[0] == tgid]:
+            ex = self.conns[key]
+            self._finish(key, ex, ex.last, complete=False)
+
+    def flush(self):
+        """Report every unfinished request as incomplete (at exit)."""
+        for key, ex in list(self.conns.items()):
+            self._finish(key, ex, ex.last, complete=False)
+
+    def _finish(self, key, ex, event, complete, pop=True):
+        if pop:
+            self.conns.pop(key, None)
+        if not complete:
+            self.incomplete += 1
+        request = build_request(ex, event, complete)
+        if request is not None and (request.method or self.include_unknown):
+            self.emit(request)
+
+
+def build_request(ex, event, complete):
+    """The Request for an exchange, from its parsed heads and kernel times."""
+    req, resp = ex.req, ex.resp
+    method = host = path = op = target = None
+    headers = {}
+    if req is not None:
+        method, headers = req.method, req.headers
+        host = headers.get("host")
+        path = redact_target(req.target)
+        target = s3_target(host, req.target)
+        op = s3_operation(method, target, headers)
+        if op is not None and not is_s3_request(headers, target) and \
+                target.key is None and method == "GET":
+            op = None   # a plain GET / of a web server is not ListBuckets
+    req_head_len = req.length if req else 0
+    req_bytes = max(event.req_bytes - req_head_len, 0) if req else None
+    status = resp.status if resp else None
+    resp_bytes = None
+    if resp is not None and event.resp_bytes:
+        resp_bytes = max(event.resp_bytes - ex.resp_offset - resp.length, 0)
+    start = ex.start_ns
+    ttfb = turnaround = latency = None
+    if event.resp_start and event.resp_start >= start:
+        ttfb = (event.resp_start - start) / NS_PER_MS
+        if event.req_end and event.resp_start >= event.req_end:
+            turnaround = (event.resp_start - event.req_end) / NS_PER_MS
+        if resp is not None and event.resp_end:
+            latency = (event.resp_end - start) / NS_PER_MS
+    error_code = None
+    request_id = None
+    if resp is not None:
+        request_id = resp.headers.get("x-amz-request-id")
+        if status >= 300:
+            error_code = s3_error_code(ex.body) or \
+                resp.headers.get("x-amz-error-code")
+    return Request(
+        start_ns=start, pid=event.tgid, tid=ex.tid, comm=ex.comm,
+        lib=LIB_NAMES.get(event.lib, "unknown"), host=host,
+        endpoint=target.endpoint if target else None, method=method,
+        path=path, bucket=target.bucket if target else None,
+        key=target.key if target else None, op=op, status=status,
+        req_bytes=req_bytes, resp_bytes=resp_bytes, ttfb_ms=ttfb,
+        latency_ms=latency, turnaround_ms=turnaround, request_id=request_id,
+        error_code=error_code, complete=complete)
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+class LatencyHistogram:
+    """Log-bucketed histogram: quantiles within RELATIVE_ERROR, bounded size.
+
+    Bucket i holds values in (gamma^(i-1), gamma^i]; reporting the bucket's
+    midpoint (in the relative sense) keeps every quantile within alpha of a
+    true sample value. Values below MIN_VALUE share one bucket.
+    """
+
+    RELATIVE_ERROR = 0.01
+    MIN_VALUE = 1e-3      # ms: 1 µs
+
+    def __init__(self, alpha=RELATIVE_ERROR):
+        self.alpha = alpha
+        self.gamma = (1 + alpha) / (1 - alpha)
+        self.log_gamma = math.log(self.gamma)
+        self.buckets = defaultdict(int)
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+        self.min = math.inf
+
+    def add(self, value):
+        self.count += 1
+        self.total += value
+        if value > self.max:
+            self.max = value
+        if value < self.min:
+            self.min = value
+        if value <= self.MIN_VALUE:
+            index = 0
+        else:
+            index = max(1, math.ceil(math.log(value / self.MIN_VALUE) /
+                                     self.log_gamma))
+        self.buckets[index] += 1
+
+    def merge(self, other):
+        for index, n in other.buckets.items():
+            self.buckets[index] += n
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+        self.min = min(self.min, other.min)
+
+    def quantile(self, q):
+        """Value at quantile q (0..1), or None when empty."""
+        if self.count == 0:
+            return None
+        rank = q * (self.count - 1)
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen > rank:
+                if index == 0:
+                    value = self.MIN_VALUE
+                else:
+                    value = self.MIN_VALUE * 2 * self.gamma ** index / \
+                        (self.gamma + 1)
+                return min(max(value, self.min), self.max)
+        return self.max
+
+
+class StatsTable:
+    """Latency histograms and error counts per (group, row) key."""
+
+    def __init__(self):
+        self.rows = defaultdict(LatencyHistogram)
+        self.errors = defaultdict(int)
+
+    def add(self, group, row, latency_ms, is_error):
+        self.rows[(group, row)].add(latency_ms)
+        if is_error:
+            self.errors[(group, row)] += 1
+
+    def render(self, title, row_label):
+        """Tables as text: one per group, rows sorted by count."""
+        groups = defaultdict(list)
+        for (group, row), hist in self.rows.items():
+            groups[group].append((row, hist))
+        out = []
+        for group in sorted(groups, key=lambda g: (-sum(h.count for _, h in
+                                                        groups[g]), g)):
+            rows = sorted(groups[group], key=lambda r: (-r[1].count, r[0]))
+            out.append("=== %s %s ===" % (title, escape_text(group)))
+            width = max([len(row_label)] + [len(escape_text(r)) for r, _ in rows])
+            out.append("%-*s %7s %7s %9s %9s %9s %9s" % (
+                width, row_label, "Count", "Errors", "p50(ms)", "p90(ms)",
+                "p99(ms)", "max(ms)"))
+            for row, hist in rows:
+                out.append("%-*s %7d %7d %9.2f %9.2f %9.2f %9.2f" % (
+                    width, escape_text(row), hist.count,
+                    self.errors[(group, row)], hist.quantile(0.5),
+                    hist.quantile(0.9), hist.quantile(0.99), hist.max))
+            out.append("")
+        return "\n".join(out)
+
+
+class Statistics:
+    """Per host × method and per S3 operation tables."""
+
+    def __init__(self):
+        self.by_host = StatsTable()
+        self.by_op = StatsTable()
+
+    def add(self, request):
+        if request.latency_ms is None:
+            return
+        is_error = request.status is None or request.status >= 400 or \
+            not request.complete
+        self.by_host.add(request.host or "-", request.method or "-",
+                         request.latency_ms, is_error)
+        if request.op:
+            self.by_op.add(request.endpoint or "-", request.op,
+                           request.latency_ms, is_error)
+
+    def render(self):
+        text = self.by_host.render("Statistics for", "Method")
+        if self.by_op.rows:
+            text += "\n" + self.by_op.render("S3 operations for", "Operation")
+        return text
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------
+
+def request_matches(request, args):
+    """User-space filters that need the parsed request."""
+    if args.method and request.method != args.method:
+        return False
+    if args.host_substr and args.host_substr not in (request.host or ""):
+        return False
+    if args.op and request.op != args.op:
+        return False
+    if args.bucket and request.bucket != args.bucket:
+        return False
+    if args.min_lat_ms and (request.latency_ms is None or
+                            request.latency_ms < args.min_lat_ms):
+        return False
+    return True
+
+
+class Clock:
+    """Kernel monotonic nanoseconds to wall-clock time."""
+
+    def __init__(self):
+        self.offset = time.time() - time.monotonic()
+
+    def wall(self, ns):
+        return ns / 1e9 + self.offset
+
+
+def _fmt_ms(value):
+    return "-" if value is None else "%.2f" % value
+
+
+def _fmt_int(value):
+    return "-" if value is None else str(value)
+
+
+TEXT_HEADER = "%-12s %-7s %9s %9s %-15s %-24s %-7s %-22s %6s %10s %10s %s" % (
+    "TIME", "PID", "LAT(ms)", "TTFB(ms)", "COMM", "HOST", "METHOD", "OP",
+    "STATUS", "REQ_B", "RESP_B", "PATH")
+
+
+def format_text(request, clock):
+    when = datetime.datetime.fromtimestamp(clock.wall(request.start_ns))
+    status = _fmt_int(request.status) + ("" if request.complete else "!")
+    return "%-12s %-7d %9s %9s %-15s %-24s %-7s %-22s %6s %10s %10s %s" % (
+        when.strftime("%H:%M:%S.%f")[:12], request.pid,
+        _fmt_ms(request.latency_ms), _fmt_ms(request.ttfb_ms),
+        escape_text(request.comm), escape_text(request.host or "-"),
+        request.method or "-", request.op or "-", status,
+        _fmt_int(request.req_bytes), _fmt_int(request.resp_bytes),
+        escape_text(request.path or "-"))
+
+
+def _round(value):
+    return None if value is None else round(value, 3)
+
+
+def format_json(request, clock):
+    ts = datetime.datetime.fromtimestamp(clock.wall(request.start_ns),
+                                         datetime.timezone.utc)
+    record = OrderedDict([
+        ("ts", ts.isoformat(timespec="microseconds").replace("+00:00", "Z")),
+        ("pid", request.pid), ("tid", request.tid), ("comm", request.comm),
+        ("lib", request.lib), ("host", request.host),
+        ("endpoint", request.endpoint), ("method", request.method),
+        ("path", request.path), ("bucket", request.bucket),
+        ("key", request.key), ("op", request.op), ("status", request.status),
+        ("req_bytes", request.req_bytes), ("resp_bytes", request.resp_bytes),
+        ("ttfb_ms", _round(request.ttfb_ms)),
+        ("latency_ms", _round(request.latency_ms)),
+        ("turnaround_ms", _round(request.turnaround_ms)),
+        ("request_id", request.request_id),
+        ("error_code", request.error_code), ("complete", request.complete),
+    ])
+    # ensure_ascii escapes every control character: one object, one line.
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+# Buckets in seconds: 1 ms to 2 min.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class LabelCap:
+    """At most N distinct values per label; the rest become 'other'."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.values = defaultdict(set)
+
+    def __call__(self, label, value):
+        value = escape_text(value) if value else "none"
+        seen = self.values[label]
+        if value in seen:
+            return value
+        if len(seen) < self.limit:
+            seen.add(value)
+            return value
+        return "other"
+
+
+class PrometheusOutput:
+    """Metrics for one registry, served by prometheus_client."""
+
+    def __init__(self, max_label_values, registry=None):
+        from prometheus_client import (CollectorRegistry, Counter, Gauge,
+                                       Histogram)
+        from prometheus_client import ProcessCollector, PlatformCollector
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
+        self.cap = LabelCap(max_label_values)
+        labels = ("host", "method", "op", "bucket")
+        self.duration = Histogram(
+            "s3slower_request_duration_seconds",
+            "Request latency: first byte written to last byte read.",
+            labels, buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttfb = Histogram(
+            "s3slower_time_to_first_byte_seconds",
+            "First byte of the request written to first byte of the response.",
+            labels, buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "s3slower_requests", "Requests seen.", labels + ("status",),
+            registry=registry)
+        self.req_bytes = Counter(
+            "s3slower_request_bytes", "Request body bytes sent.", labels,
+            registry=registry)
+        self.resp_bytes = Counter(
+            "s3slower_response_bytes", "Response body bytes received.",
+            labels, registry=registry)
+        self.lost = Counter(
+            "s3slower_lost_events", "Kernel events lost (ring buffer full).",
+            registry=registry)
+        self.probes = Gauge(
+            "s3slower_attached_probes", "Uprobes attached, per family.",
+            ("lib",), registry=registry)
+
+    def add(self, request):
+        values = (self.cap("host", request.endpoint or request.host),
+                  request.method or "none", request.op or "none",
+                  self.cap("bucket", request.bucket))
+        status = str(request.status) if request.status else "none"
+        self.requests.labels(*values, status).inc()
+        if request.latency_ms is not None:
+            self.duration.labels(*values).observe(request.latency_ms / 1e3)
+        if request.ttfb_ms is not None:
+            self.ttfb.labels(*values).observe(request.ttfb_ms / 1e3)
+        if request.req_bytes:
+            self.req_bytes.labels(*values).inc(request.req_bytes)
+        if request.resp_bytes:
+            self.resp_bytes.labels(*values).inc(request.resp_bytes)
+
+    def serve(self, port, addr):
+        from prometheus_client import start_http_server
+        start_http_server(port, addr=addr, registry=self.registry)
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+class Fatal(Exception):
+    """An error the user must fix: printed as one line, exit 2."""
+
+
+def log(message):
+    sys.stderr.write("s3slower: %s\n" % message)
+    sys.stderr.flush()
+
+
+def progress(message):
+    """Start-up progress on stderr, unprefixed ("Tracing ..." starts a line)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+BCC_HINT = "install it with ./install.sh (Debian/Ubuntu: apt-get install python3-bpfcc)"
+
+
+def find_bcc_python():
+    """Another interpreter on this host that can import bcc, or None."""
+    me = os.path.realpath(sys.executable)
+    candidates = ["/usr/bin/python3"] + sorted(
+        glob.glob("/usr/bin/python3.[0-9]*"), reverse=True) + \
+        ["/usr/local/bin/python3", "/usr/libexec/platform-python"]
+    for cand in candidates:
+        if not os.access(cand, os.X_OK) or os.path.realpath(cand) == me \
+                or cand.endswith("-config"):
+            continue
+        try:
+            ok = subprocess.run([cand, "-c", "import bcc"], timeout=20,
+                                capture_output=True).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if ok:
+            return cand
+    return None
+
+
+def import_bcc():
+    """The bcc module, re-executing under an interpreter that has it."""
+    try:
+        import bcc
+        return bcc
+    except ImportError:
+        pass
+    if not os.environ.get("S3SLOWER_REEXEC"):
+        python = find_bcc_python()
+        if python:
+            os.environ["S3SLOWER_REEXEC"] = "1"
+            os.execv(python, [python, os.path.abspath(__file__)] + sys.argv[1:])
+    raise Fatal("BCC's Python module (bcc) is not installed for %s; %s" % (
+        sys.executable, BCC_HINT))
+
+
+def ensure_tracefs():
+    """BCC reads tracefs for tracepoints; mount it when nothing has."""
+    for path in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.exists(os.path.join(path, "events")):
+            return
+    try:
+        subprocess.run(["mount", "-t", "tracefs", "tracefs",
+                        "/sys/kernel/tracing"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def check_kernel_headers():
+    release = os.uname().release
+    build = "/lib/modules/%s/build" % release
+    if os.path.exists(os.path.join(build, "include")) or \
+            os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return
+    raise Fatal("kernel headers for %s are missing (no %s); run ./install.sh, "
+                "or apt-get install linux-headers-%s" % (release, build, release))
+
+
+def selected_families(args):
+    chosen = [name for name in FAMILIES if getattr(args, name)]
+    return chosen or list(FAMILIES)
+
+
+def forced_libraries(args):
+    extra = []
+    for family, paths in (("openssl", args.libssl), ("gnutls", args.libgnutls),
+                          ("nss", args.libnss)):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise Fatal("%s: no such file (given with --lib%s)" % (
+                    path, "ssl" if family == "openssl" else family))
+            extra.append((family, path))
+    return extra
+
+
+# Probe kind -> (entry handler, return handler) suffixes of the C functions.
+PROBE_HANDLERS = {"write": ("write_enter", "write_exit"),
+                  "write_ex": ("write_ex_enter", "write_exit"),
+                  "read": ("read_enter", "read_exit"),
+                  "read_ex": ("read_ex_enter", "read_exit"),
+                  "close": ("close_enter", None)}
+PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
+                      "close_enter")
+
+
+def attach_probes(bpf, libraries):
+    """Attach every probe of each library; returns {family: count}."""
+    attached = defaultdict(int)
+    handlers = PROBE_HANDLERS
+    for lib in libraries:
+        names = []
+        for symbol, kind in FAMILIES[lib.family]["probes"]:
+            enter, leave = handlers[kind]
+            try:
+                bpf.attach_uprobe(name=lib.path, sym=symbol,
+                                  fn_name="%s_%s" % (lib.family, enter))
+                if leave:
+                    bpf.attach_uretprobe(name=lib.path, sym=symbol,
+                                         fn_name="%s_%s" % (lib.family, leave))
+            except Exception:
+                continue
+            names.append(symbol)
+        if names:
+            attached[lib.family] += len(names)
+            progress("  %s %s (%s)" % (lib.family, lib.path, ", ".join(names)))
+        else:
+            progress("  skipped %s %s: no TLS entry points found" % (
+                lib.family, lib.path))
+    return attached
+
+
+class Tracer:
+    """Owns the BPF object, the event loop and the outputs."""
+
+    def __init__(self, args, bcc, out):
+        self.args = args
+        self.out = out
+        self.clock = Clock()
+        self.stats = Statistics()
+        self.prometheus = None
+        self.stop = False
+        self.lost_reported = 0
+        self.json = args.json
+        self.bcc = bcc
+        self.bpf = None
+        self.reported = 0
+
+    def load(self, libraries):
+        try:
+            self.bpf = self.bcc.BPF(text=bpf_program(self.args.pid,
+                                                     self.args.comm))
+        except Exception as exc:
+            raise Fatal("the BPF program did not compile or load (%s); "
+                        "are the kernel headers right? run ./install.sh" %
+                        str(exc).splitlines()[0])
+        # Load every handler now, so a verifier rejection is one clear error
+        # rather than a probe that silently fails to attach.
+        try:
+            for name in sorted({"%s_%s" % (lib.family, suffix)
+                                for lib in libraries for suffix in
+                                PROBE_HANDLERS_ALL}):
+                self.bpf.load_func(name, self.bcc.BPF.KPROBE)
+        except Exception as exc:
+            raise Fatal("the kernel rejected the BPF program: %s" %
+                        str(exc).splitlines()[0])
+        attached = attach_probes(self.bpf, libraries)
+        if not attached:
+            raise Fatal("no TLS library entry point could be attached")
+        self.conns = self.bpf["conns"]
+        self.ctls = self.bpf["ctls"]
+        self.stats_map = self.bpf["stats"]
+        self.assembler = Assembler(self.report, control=self.control,
+                                   peek=self.peek,
+                                   include_unknown=self.args.include_unknown)
+        self.bpf["events"].open_ring_buffer(self.on_event)
+        return attached
+
+    def _key(self, event):
+        key = self.conns.Key()
+        key.handle, key.tgid, key.lib = event.handle, event.tgid, event.lib
+        return key
+
+    def control(self, event, mode, expect, stream):
+        value = self.ctls.Leaf()
+        value.expect, value.rphase, value.mode, value.stream = \
+            expect, event.rphase, mode, int(stream)
+        try:
+            self.ctls[self._key(event)] = value
+        except Exception:
+            pass
+
+    def peek(self, event):
+        try:
+            s = self.conns[self._key(event)]
+        except KeyError:
+            return None
+        return s.resp_bytes, s.resp_end, s.chunk_end, s.rphase, s.rd_events
+
+    def on_event(self, ctx, data, size):
+        event = decode_event(ctypes.string_at(data, size))
+        self.assembler.feed(event)
+
+    def report(self, request):
+        if not request_matches(request, self.args):
+            return
+        self.reported += 1
+        self.stats.add(request)
+        if self.prometheus:
+            self.prometheus.add(request)
+        if self.json:
+            line = format_json(request, self.clock)
+        else:
+            line = format_text(request, self.clock)
+        self.out.write(line + "\n")
+
+    def lost_events(self):
+        return int(self.stats_map[ctypes.c_int(0)].value)
+
+    def run(self):
+        if not self.json:
+            self.out.write(TEXT_HEADER + "\n")
+            self.out.flush()
+        while not self.stop:
+            self.bpf.ring_buffer_poll(100)
+            self.bpf.ring_buffer_consume()
+            lost = self.lost_events()
+            if lost != self.lost_reported:
+                log("%d events lost (ring buffer full)" % (
+                    lost - self.lost_reported))
+                if self.prometheus:
+                    self.prometheus.lost.inc(lost - self.lost_reported)
+                self.lost_reported = lost
+
+    def finish(self, print_stats=True):
+        if self.bpf is not None:
+            self.bpf.ring_buffer_consume()
+        self.assembler.flush()
+        try:
+            self.out.flush()
+        except BrokenPipeError:
+            print_stats = False
+        if print_stats and not self.args.no_stats:
+            tables = self.stats.render()
+            # Tables are data in text mode; with --json, stdout stays JSON.
+            stream = sys.stderr if self.json else self.out
+            stream.write("\n" + tables + "\n")
+            stream.flush()
+        if self.lost_reported:
+            log("%d events lost in all; requests they belonged to were "
+                "reported incomplete or not at all" % self.lost_reported)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = sys.stdout
+    try:
+        if os.geteuid() != 0:
+            raise Fatal("must run as root (BPF needs CAP_SYS_ADMIN): "
+                        "try sudo %s" % sys.argv[0])
+        if args.pid and not os.path.exists("/proc/%d" % args.pid):
+            raise Fatal("no process with pid %d" % args.pid)
+        if args.prometheus_port:
+            try:
+                import prometheus_client  # noqa: F401
+            except ImportError:
+                raise Fatal("--prometheus-port needs prometheus_client for %s:"
+                            " run ./install.sh or pip install prometheus_client"
+                            % sys.executable)
+        bcc = import_bcc()
+        ensure_tracefs()
+        check_kernel_headers()
+        progress("Attaching to TLS libraries...")
+        libraries = discover_libraries(selected_families(args),
+                                       forced_libraries(args), args.pid)
+        if not libraries:
+            raise Fatal("no TLS library found (looked for %s); give one with "
+                        "--libssl/--libgnutls/--libnss" %
+                        ", ".join(selected_families(args)))
+        tracer = Tracer(args, bcc, out)
+        if args.prometheus_port:
+            tracer.prometheus = PrometheusOutput(args.max_label_values)
+            try:
+                tracer.prometheus.serve(args.prometheus_port,
+                                        args.prometheus_addr)
+            except OSError as exc:
+                raise Fatal("cannot serve metrics on %s:%d: %s" % (
+                    args.prometheus_addr, args.prometheus_port,
+                    exc.strerror or exc))
+        attached = tracer.load(libraries)
+        if tracer.prometheus:
+            for family, count in attached.items():
+                tracer.prometheus.probes.labels(family).set(count)
+    except Fatal as exc:
+        log("error: %s" % exc)
+        return 2
+
+    def request_stop(signum, frame):
+        tracer.stop = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)
+    progress("Tracing %d probes in %d libraries%s... Hit Ctrl-C to end." % (
+        sum(attached.values()), len(libraries),
+        " for pid %d" % args.pid if args.pid else ""))
+    try:
+        tracer.run()
+        tracer.finish()
+    except BrokenPipeError:
+        # The reader went away (| head): end quietly.
+        try:
+            sys.stdout = open(os.devnull, "w")
+            tracer.finish(print_stats=False)
+        except BrokenPipeError:
+            pass
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Shared fixtures: the tool as a module, the local S3 server, the tracer.
+
+End-to-end tests need root and BCC. Where they are missing the tests skip,
+unless S3SLOWER_REQUIRE_BPF=1 (set by .ci/run), where they fail instead.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+TOOL = os.path.join(ROOT, "s3slower.py")
+sys.path.insert(0, ROOT)
+
+# Interpreter for helper processes (server, clients): the distribution's,
+# which has boto3 and friends after ./install.sh --tests.
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") \
+    else sys.executable
+
+
+def bpf_unavailable_reason():
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "needs BCC (python3-bpfcc)"
+    return None
+
+
+def require_bpf():
+    reason = bpf_unavailable_reason()
+    if reason:
+        if os.environ.get("S3SLOWER_REQUIRE_BPF") == "1":
+            pytest.fail("end-to-end test cannot run: " + reason)
+        pytest.skip(reason)
+
+
+def wait_until(predicate, timeout, interval=0.05):
+    """predicate() until it is truthy or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=15):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+class S3Server:
+    def __init__(self, plain=False):
+        self.workdir = tempfile.mkdtemp(prefix="s3srv")
+        cmd = [PYTHON, os.path.join(TESTS, "s3server.py"), "--port", "0"]
+        if plain:
+            cmd.append("--plain")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True,
+                                     cwd=self.workdir)
+        line = self.proc.stdout.readline()
+        assert line.startswith("READY"), "server did not start: %r" % line
+        self.port = int(line.split()[1])
+        self.url = "%s://127.0.0.1:%d" % ("http" if plain else "https",
+                                          self.port)
+        self.host = "127.0.0.1:%d" % self.port
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+class Tracer:
+    """s3slower.py --json running in the background, output in a file."""
+
+    def __init__(self, *args, python=None):
+        self.out = tempfile.NamedTemporaryFile(prefix="s3slower", suffix=".out",
+                                               delete=False)
+        self.err = tempfile.NamedTemporaryFile(prefix="s3slower", suffix=".err",
+                                               delete=False)
+        cmd = ([python] if python else []) + [TOOL, "--json"] + list(args)
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err,
+                                     stdin=subprocess.DEVNULL)
+        ready = wait_until(lambda: "\nTracing" in "\n" + self.stderr() or
+                           self.proc.poll() is not None, 60)
+        if not ready or self.proc.poll() is not None:
+            stop_process(self.proc, signal.SIGKILL)
+            raise AssertionError("tracer did not start:\n" + self.stderr())
+
+    def stderr(self):
+        with open(self.err.name, errors="replace") as f:
+            return f.read()
+
+    def stdout(self):
+        with open(self.out.name, errors="replace") as f:
+            return f.read()
+
+    def records(self, pid=None, **match):
+        found = []
+        for line in self.stdout().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if pid is not None and record["pid"] != pid:
+                continue
+            if all(record.get(k) == v for k, v in match.items()):
+                found.append(record)
+        return found
+
+    def wait_records(self, count, timeout=15, settle=0.3, **match):
+        """At least count matching records; then a moment for strays."""
+        wait_until(lambda: len(self.records(**match)) >= count, timeout)
+        time.sleep(settle)
+        return self.records(**match)
+
+    def stop(self, sig=signal.SIGINT):
+        return stop_process(self.proc, sig)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tracer():
+    """One host-wide tracer for the session; tests select by client pid."""
+    require_bpf()
+    t = Tracer()
+    yield t
+    t.stop()
+
+
+def run_client(args, timeout=120, **kw):
+    """Run a client to completion: (pid, stdout)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("client timed out: %s\n%s" % (args, err))
+    assert proc.returncode == 0, "client failed: %s\n%s" % (args, err)
+    return proc.pid, out
+
+
+def python_client(code, *args, timeout=120):
+    """Run Python code (a client) under the distribution's interpreter."""
+    return run_client([PYTHON, "-c", code] + [str(a) for a in args],
+                      timeout=timeout)
