@@ -227,8 +227,14 @@ def mapped_library_paths(pids):
                 path = parts[5]
                 if path.endswith(" (deleted)"):
                     continue
-                host_path = "/proc/%d/root%s" % (pid, path)
-                yield host_path if os.path.exists(host_path) else path
+                # Seen through the process's root: a container's copy differs
+                # from the host file of the same name.
+                in_root = "/proc/%d/root%s" % (pid, path)
+                try:
+                    same = os.path.samefile(in_root, path)
+                except OSError:
+                    same = not os.path.exists(in_root)
+                yield path if same else in_root
 
 
 def all_pids():
@@ -520,6 +526,9 @@ static __always_inline int exit_write(struct pt_regs *ctx)
          * HTTP/1.x (HTTP/2, another protocol): ignored from now on. */
         fresh.phase = is_req ? PHASE_NEW : PHASE_IGNORED;
         conns.update(&k, &fresh);
+        /* A handle reused for a new connection must not inherit the
+         * control user space set for the old one. */
+        ctls.delete(&k);
         if (!is_req)
             return 0;
         u8 one = 1;
@@ -629,8 +638,10 @@ static __always_inline int close_conn(struct pt_regs *ctx, u32 lib, u64 handle)
     struct conn_state *s = conns.lookup(&k);
     if (!s)
         return 0;
+    /* The close carries the final counters and the chunked-end flag: user
+     * space may not have parsed the response head yet. */
     if (s->phase == PHASE_REQ || s->phase == PHASE_RESP)
-        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0, 0);
+        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0, s->chunk_end);
     conns.delete(&k);
     ctls.delete(&k);
     return 0;
@@ -1162,7 +1173,7 @@ class Assembler:
             return event.resp_bytes >= ex.expect
         if ex.framing == "chunked":
             return bool(event.flags)
-        return event.type == EV_CLOSE
+        return event.type == EV_CLOSE     # body ends with the connection
 
     def _decide(self, key, ex, event):
         """Hand the rest of the body to the kernel, closing the race."""

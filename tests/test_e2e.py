@@ -287,3 +287,22 @@ def test_text_output_and_statistics_tables(s3_server):
     assert "\x1b" not in out and "\\x1b[31mred" in request_lines[0]
     assert "=== Statistics for %s ===" % s3_server.host in out
     assert any(l.split()[:2] == ["GET", "1"] for l in lines)
+
+
+def test_wget_gnutls(tracer, s3_server):
+    url = s3_server.url + "/wg"
+    run_client(["curl", "-skf", "-X", "PUT", url])
+    run_client(["curl", "-skf", "-X", "PUT", "--data-binary", "w" * 3000,
+                url + "/obj"])
+    # Two requests on one keep-alive connection, then an upload.
+    pid, _ = run_client(["wget", "-q", "--no-check-certificate", "-O",
+                         "/dev/null", url + "/obj", url + "/obj"])
+    put_pid, _ = run_client(["wget", "-q", "--no-check-certificate", "-O",
+                             "/dev/null", "--method=PUT", "--body-data=hello",
+                             url + "/put"])
+    records = tracer.wait_records(2, pid=pid)
+    assert [(r["lib"], r["method"], r["status"], r["resp_bytes"])
+            for r in records] == [("gnutls", "GET", 200, 3000)] * 2
+    (put,) = tracer.wait_records(1, pid=put_pid)
+    assert (put["lib"], put["op"], put["req_bytes"], put["status"]) == \
+        ("gnutls", "PutObject", 5, 200)

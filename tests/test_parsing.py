@@ -1,0 +1,150 @@
+"""HTTP and S3 parsing: pure functions, no root needed."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import s3slower as s
+
+
+def test_request_head_complete_and_incomplete():
+    raw = b"PUT /b/k HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+    head = s.parse_request_head(raw)
+    assert head.method == "PUT" and head.target == "/b/k"
+    assert head.headers == {"host": "h", "content-length": "3"}
+    assert raw[head.length:] == b"abc"
+    assert s.parse_request_head(raw[:20]) is None
+    assert s.parse_request_head(b"\x16\x03\x01garbage\r\n\r\n") is None
+
+
+def test_response_head_and_framing():
+    head = s.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert head.status == 200
+    assert s.response_framing("GET", head) == ("length", 10)
+    assert s.response_framing("HEAD", head) == ("none", 0)
+    chunked = s.parse_response_head(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert s.response_framing("GET", chunked) == ("chunked", None)
+    for status in (204, 304, 100):
+        h = s.parse_response_head(b"HTTP/1.1 %d X\r\n\r\n" % status)
+        assert s.response_framing("GET", h) == ("none", 0)
+    bare = s.parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n")
+    assert s.response_framing("GET", bare) == ("close", None)
+    assert s.parse_response_head(b"HTTP/1.1 2000 OK\r\n\r\n") is None
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F2026"
+     "&X-Amz-Signature=abcdef&X-Amz-Security-Token=tok&x-id=GetObject",
+     "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=REDACTED"
+     "&X-Amz-Signature=REDACTED&X-Amz-Security-Token=REDACTED&x-id=GetObject"),
+    ("/b/k?AWSAccessKeyId=AKIA&Signature=sig%2B&Expires=1",
+     "/b/k?AWSAccessKeyId=REDACTED&Signature=REDACTED&Expires=1"),
+    ("/b/k?x-amz-signature=lower", "/b/k?x-amz-signature=REDACTED"),
+    ("/b/k", "/b/k"),
+    ("/b/k?uploads", "/b/k?uploads"),
+])
+def test_redact_target(target, expected):
+    assert s.redact_target(target) == expected
+
+
+def test_escape_text_keeps_one_line():
+    assert s.escape_text("a\x1b[31m\r\nb\\") == "a\\x1b[31m\\x0d\\x0ab\\x5c"
+    assert s.escape_text("ok/path é") == "ok/path é"
+
+
+@pytest.mark.parametrize("host, target, endpoint, bucket, key", [
+    ("s3.amazonaws.com", "/mybucket/a/b.txt", "s3.amazonaws.com",
+     "mybucket", "a/b.txt"),
+    ("mybucket.s3.amazonaws.com", "/a/b.txt", "s3.amazonaws.com",
+     "mybucket", "a/b.txt"),
+    ("my.dotted.bucket.s3.us-west-2.amazonaws.com", "/k",
+     "s3.us-west-2.amazonaws.com", "my.dotted.bucket", "k"),
+    ("bkt.s3-us-west-2.amazonaws.com", "/k", "s3-us-west-2.amazonaws.com",
+     "bkt", "k"),
+    ("s3.us-west-2.amazonaws.com", "/", "s3.us-west-2.amazonaws.com",
+     None, None),
+    ("bkt.s3.minio.example.com:9000", "/x%20y", "s3.minio.example.com:9000",
+     "bkt", "x y"),
+    ("minio.example.com:9000", "/bkt/dir/obj%2Bplus", "minio.example.com:9000",
+     "bkt", "dir/obj+plus"),
+    ("127.0.0.1:8443", "/bkt/k?uploads", "127.0.0.1:8443", "bkt", "k"),
+    ("[::1]:8443", "/bkt", "[::1]:8443", "bkt", None),
+    ("[2001:db8::1]", "/bkt/k", "[2001:db8::1]", "bkt", "k"),
+    ("10.0.0.5", "/", "10.0.0.5", None, None),
+])
+def test_s3_target_styles(host, target, endpoint, bucket, key):
+    t = s.s3_target(host, target)
+    assert (t.endpoint, t.bucket, t.key) == (endpoint, bucket, key)
+
+
+OPS = [
+    ("GET", "/b/k", {}, "GetObject"),
+    ("PUT", "/b/k", {}, "PutObject"),
+    ("HEAD", "/b/k", {}, "HeadObject"),
+    ("DELETE", "/b/k", {}, "DeleteObject"),
+    ("POST", "/b?delete", {}, "DeleteObjects"),
+    ("PUT", "/b/k", {"x-amz-copy-source": "/a/b"}, "CopyObject"),
+    ("GET", "/b?list-type=2&prefix=a", {}, "ListObjectsV2"),
+    ("GET", "/b?prefix=a", {}, "ListObjects"),
+    ("GET", "/b?versions", {}, "ListObjectVersions"),
+    ("GET", "/", {"authorization": "AWS4-HMAC-SHA256 x"}, "ListBuckets"),
+    ("HEAD", "/b", {}, "HeadBucket"),
+    ("PUT", "/b", {}, "CreateBucket"),
+    ("DELETE", "/b", {}, "DeleteBucket"),
+    ("GET", "/b?location", {}, "GetBucketLocation"),
+    ("POST", "/b/k?uploads", {}, "CreateMultipartUpload"),
+    ("PUT", "/b/k?partNumber=1&uploadId=u", {}, "UploadPart"),
+    ("PUT", "/b/k?partNumber=1&uploadId=u", {"x-amz-copy-source": "/a/b"},
+     "UploadPartCopy"),
+    ("POST", "/b/k?uploadId=u", {}, "CompleteMultipartUpload"),
+    ("DELETE", "/b/k?uploadId=u", {}, "AbortMultipartUpload"),
+    ("GET", "/b/k?uploadId=u", {}, "ListParts"),
+    ("GET", "/b?uploads", {}, "ListMultipartUploads"),
+    ("GET", "/b/k?tagging", {}, "GetObjectTagging"),
+    ("PUT", "/b/k?tagging", {}, "PutObjectTagging"),
+    ("DELETE", "/b/k?tagging", {}, "DeleteObjectTagging"),
+    ("GET", "/b/k?acl", {}, "GetObjectAcl"),
+    ("PUT", "/b/k?acl", {}, "PutObjectAcl"),
+    ("GET", "/b?policy", {}, "GetBucketPolicy"),
+    ("PUT", "/b?policy", {}, "PutBucketPolicy"),
+    ("POST", "/b", {"content-type": "multipart/form-data; boundary=x"},
+     "PostObject"),
+    ("POST", "/b/k?restore", {}, "RestoreObject"),
+    ("POST", "/b/k?select&select-type=2", {}, "SelectObjectContent"),
+    ("POST", "/b/k", {}, None),
+    ("OPTIONS", "/b/k", {}, None),
+]
+
+
+@pytest.mark.parametrize("method, target, headers, op", OPS)
+def test_s3_operation_table(method, target, headers, op):
+    t = s.s3_target("s3.example.com", target)
+    assert s.s3_operation(method, t, headers) == op
+    assert op is None or op in s.S3_OPERATIONS
+
+
+def test_s3_error_code():
+    body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code></Error>"
+    assert s.s3_error_code(body) == "SlowDown"
+    assert s.s3_error_code(b"<Code>bad code with spaces</Code>") is None
+    assert s.s3_error_code(b"") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_parsers_never_raise(data):
+    s.parse_request_head(data)
+    s.parse_response_head(data)
+    s.s3_error_code(data)
+    text = data.decode("latin-1")
+    s.redact_target(text)
+    s.escape_text(text)
+    t = s.s3_target(text[:40], text)
+    s.s3_operation("GET", t, {})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_escaped_text_has_no_control_characters(text):
+    out = s.escape_text(text)
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in out)

@@ -1,0 +1,144 @@
+"""Statistics accuracy and the command line's error handling."""
+
+import glob
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import s3slower as s
+from conftest import PYTHON, TOOL, Tracer, require_bpf
+
+
+def exact_quantile(values, q):
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+@pytest.mark.parametrize("dist", ["uniform", "lognormal", "bimodal",
+                                  "constant", "heavy"])
+def test_histogram_quantiles_within_relative_error(dist):
+    rng = random.Random(7)
+    gen = {
+        "uniform": lambda: rng.uniform(0.05, 500),
+        "lognormal": lambda: rng.lognormvariate(2, 1.5),
+        "bimodal": lambda: rng.choice((rng.uniform(1, 2),
+                                       rng.uniform(900, 1000))),
+        "constant": lambda: 42.0,
+        "heavy": lambda: rng.paretovariate(1.2),
+    }[dist]
+    values = [gen() for _ in range(20000)]
+    hist = s.LatencyHistogram()
+    for v in values:
+        hist.add(v)
+    for q in (0.5, 0.9, 0.99, 0.999):
+        exact = exact_quantile(values, q)
+        assert abs(hist.quantile(q) - exact) <= 0.0101 * exact, (q, exact)
+    assert hist.count == len(values) and hist.max == max(values)
+
+
+def test_histogram_merge_and_bounded_size():
+    a, b, both = s.LatencyHistogram(), s.LatencyHistogram(), \
+        s.LatencyHistogram()
+    rng = random.Random(1)
+    for i in range(100000):
+        v = rng.uniform(0.001, 120000)
+        (a if i % 2 else b).add(v)
+        both.add(v)
+    a.merge(b)
+    assert a.buckets == both.buckets and a.count == both.count
+    # 1 µs .. 2 min at 1 % needs about 900 buckets, whatever the count.
+    assert len(a.buckets) < 1000
+
+
+def test_stats_tables_render_sorted_and_aligned():
+    st = s.Statistics()
+    req = s.Request(0, 1, 1, "c", "openssl", "h1", "h1", "GET", "/b/k", "b",
+                    "k", "GetObject", 200, 0, 10, 1.0, 2.0, 0.5, None, None,
+                    True)
+    for i in range(3):
+        st.add(req._replace(latency_ms=float(i + 1)))
+    st.add(req._replace(method="PUT", op="PutObject", status=503))
+    text = st.render()
+    assert "=== Statistics for h1 ===" in text
+    lines = text.splitlines()
+    header = lines[1].split()
+    assert header[:5] == ["Method", "Count", "Errors", "p50(ms)", "p90(ms)"]
+    assert lines[2].split()[:3] == ["GET", "3", "0"]
+    assert lines[3].split()[:3] == ["PUT", "1", "1"]
+    assert "=== S3 operations for h1 ===" in text
+
+
+def run_tool(*args, user=None):
+    cmd = [PYTHON, TOOL] + list(args)
+    if user:
+        cmd = ["setpriv", "--reuid=%d" % user, "--regid=%d" % user,
+               "--clear-groups"] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--pid", "abc"], "not a process id"),
+    (["--pid", "-5"], "not a process id"),
+    (["--min-lat-ms", "-1"], "must be a number"),
+    (["--min-lat-ms", "nan"], "must be a number"),
+    (["--method", "FETCH"], "unknown method"),
+    (["--prometheus-port", "70000"], "not in 1..65535"),
+    (["--op", "Nonsense"], "unknown --op"),
+    (["--comm", "x" * 16], "1 to 15 bytes"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_options_one_clear_line(args, words):
+    proc = run_tool(*args)
+    assert proc.returncode == 2
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_has_examples():
+    proc = run_tool("--help")
+    assert proc.returncode == 0 and "examples:" in proc.stdout
+
+
+def test_not_root_is_a_clear_error():
+    proc = run_tool(user=65534)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "must run as root" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks that run as root")
+@pytest.mark.parametrize("args, words", [
+    (["--pid", "999999999"], "no process with pid 999999999"),
+    (["--libssl", "/nonexistent/libssl.so"], "no such file"),
+])
+def test_runtime_errors_as_root(args, words):
+    proc = run_tool(*args)
+    assert proc.returncode == 2
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def interpreter_without_bcc():
+    """A python3 here that cannot import bcc (pyenv, venv), or None."""
+    candidates = [shutil.which("python3") or ""] + \
+        sorted(glob.glob("/root/.pyenv/versions/*/bin/python3"))
+    for cand in candidates:
+        if cand and os.path.exists(cand) and subprocess.run(
+                [cand, "-c", "import bcc"], capture_output=True).returncode:
+            return cand
+    return None
+
+
+def test_starts_under_an_interpreter_without_bcc():
+    """`python3 s3slower.py` with a pyenv/venv python3 re-executes itself."""
+    require_bpf()
+    python = interpreter_without_bcc()
+    if python is None:
+        pytest.skip("no python3 without BCC on this host")
+    tracer = Tracer(python=python)
+    assert tracer.stop() == 0
+    assert "Tracing" in tracer.stderr()
