@@ -1356,14 +1356,15 @@ class StatsTable:
             rows = sorted(groups[group], key=lambda r: (-r[1].count, r[0]))
             out.append("=== %s %s ===" % (title, escape_text(group)))
             width = max([len(row_label)] + [len(escape_text(r)) for r, _ in rows])
-            out.append("%-*s %7s %7s %9s %9s %9s %9s" % (
-                width, row_label, "Count", "Errors", "p50(ms)", "p90(ms)",
-                "p99(ms)", "max(ms)"))
+            # The seed's columns first (scripts read them), then ours.
+            out.append("%-*s %7s %9s %9s %9s %9s %7s" % (
+                width, row_label, "Count", "p50(ms)", "p90(ms)", "p99(ms)",
+                "max(ms)", "Errors"))
             for row, hist in rows:
-                out.append("%-*s %7d %7d %9.2f %9.2f %9.2f %9.2f" % (
-                    width, escape_text(row), hist.count,
-                    self.errors[(group, row)], hist.quantile(0.5),
-                    hist.quantile(0.9), hist.quantile(0.99), hist.max))
+                out.append("%-*s %7d %9.2f %9.2f %9.2f %9.2f %7d" % (
+                    width, escape_text(row), hist.count, hist.quantile(0.5),
+                    hist.quantile(0.9), hist.quantile(0.99), hist.max,
+                    self.errors[(group, row)]))
             out.append("")
         return "\n".join(out)
 
@@ -1701,6 +1702,7 @@ class Tracer:
         self.json = args.json
         self.bcc = bcc
         self.bpf = None
+        self.error = None
         self.reported = 0
 
     def load(self, libraries):
@@ -1755,8 +1757,15 @@ class Tracer:
         return s.resp_bytes, s.resp_end, s.chunk_end, s.rphase, s.rd_events
 
     def on_event(self, ctx, data, size):
-        event = decode_event(ctypes.string_at(data, size))
-        self.assembler.feed(event)
+        # ctypes would print and swallow an exception raised here: keep it
+        # for run() to re-raise once the poll returns.
+        try:
+            self.assembler.feed(decode_event(ctypes.string_at(data, size)))
+        except BaseException as exc:
+            self.error = self.error or exc
+            self.stop = True
+            return -1    # stop consuming this batch
+        return 0
 
     def report(self, request):
         if not request_matches(request, self.args):
@@ -1781,6 +1790,8 @@ class Tracer:
         while not self.stop:
             self.bpf.ring_buffer_poll(100)
             self.bpf.ring_buffer_consume()
+            if self.error:
+                raise self.error
             lost = self.lost_events()
             if lost != self.lost_reported:
                 log("%d events lost (ring buffer full)" % (
@@ -1790,9 +1801,9 @@ class Tracer:
                 self.lost_reported = lost
 
     def finish(self, print_stats=True):
-        if self.bpf is not None:
+        if print_stats:
             self.bpf.ring_buffer_consume()
-        self.assembler.flush()
+            self.assembler.flush()
         try:
             self.out.flush()
         except BrokenPipeError:
@@ -1815,6 +1826,9 @@ def main(argv=None):
         if os.geteuid() != 0:
             raise Fatal("must run as root (BPF needs CAP_SYS_ADMIN): "
                         "try sudo %s" % sys.argv[0])
+        # First of all: this interpreter may not be the one with BCC (and
+        # the Python packages that go with it).
+        bcc = import_bcc()
         if args.pid and not os.path.exists("/proc/%d" % args.pid):
             raise Fatal("no process with pid %d" % args.pid)
         if args.prometheus_port:
@@ -1824,7 +1838,6 @@ def main(argv=None):
                 raise Fatal("--prometheus-port needs prometheus_client for %s:"
                             " run ./install.sh or pip install prometheus_client"
                             % sys.executable)
-        bcc = import_bcc()
         ensure_tracefs()
         check_kernel_headers()
         progress("Attaching to TLS libraries...")
@@ -1865,13 +1878,9 @@ def main(argv=None):
         tracer.run()
         tracer.finish()
     except BrokenPipeError:
-        # The reader went away (| head): end quietly.
-        try:
-            sys.stdout = open(os.devnull, "w")
-            tracer.finish(print_stats=False)
-        except BrokenPipeError:
-            pass
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        # The reader went away (| head): end quietly, as a pipeline expects.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        tracer.finish(print_stats=False)
     return 0
 
 

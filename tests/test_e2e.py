@@ -306,3 +306,89 @@ def test_wget_gnutls(tracer, s3_server):
     (put,) = tracer.wait_records(1, pid=put_pid)
     assert (put["lib"], put["op"], put["req_bytes"], put["status"]) == \
         ("gnutls", "PutObject", 5, 200)
+
+
+def test_pipe_closed_by_reader_ends_quietly(s3_server):
+    """`s3slower.py | head -3` ends when head does, no traceback, exit 0."""
+    require_bpf()
+    from conftest import TOOL
+    reader = subprocess.Popen(["head", "-3"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    proc = subprocess.Popen([TOOL, "--comm", "curl"], stdout=reader.stdin,
+                            stderr=subprocess.PIPE, text=True)
+    reader.stdin.close()
+    try:
+        assert wait_until(lambda: proc.stderr.readline().startswith("Tracing"),
+                          60, interval=0)
+        for _ in range(8):
+            if proc.poll() is not None:
+                break
+            run_client(["curl", "-sk", "-o", "/dev/null",
+                        s3_server.url + "/pipe/k"])
+            time.sleep(0.3)
+        assert proc.wait(20) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Exception" not in err
+        assert len(reader.stdout.read().splitlines()) == 3
+    finally:
+        stop_process(proc, signal.SIGKILL)
+        stop_process(reader, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_signals_print_tables_and_exit_zero(s3_server, sig):
+    require_bpf()
+    t = Tracer("--comm", "curl")
+    pid, _ = run_client(["curl", "-sk", "-o", "/dev/null",
+                         s3_server.url + "/sig/k"])
+    t.wait_records(1, pid=pid)
+    assert t.stop(sig) == 0
+    assert "=== Statistics for %s ===" % s3_server.host in t.stderr()
+    assert "Traceback" not in t.stderr()
+
+
+def test_prometheus_metrics(s3_server):
+    require_bpf()
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t = Tracer("--comm", "curl", "--prometheus-port", str(port))
+    try:
+        url = s3_server.url + "/prom"
+        run_client(["curl", "-skf", "-X", "PUT", url])
+        pid, _ = run_client(["curl", "-sk", "-o", "/dev/null", url + "/delay-60/a",
+                             "--next", "-sk", "-o", "/dev/null",
+                             url + "/delay-60/b"])
+        t.wait_records(2, pid=pid)
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
+                                      timeout=10).read().decode()
+    finally:
+        t.stop()
+    assert 's3slower_requests_total{bucket="prom",host="%s",method="GET",' \
+        'op="GetObject",status="404"} 2.0' % s3_server.host in text
+    assert 's3slower_request_duration_seconds_bucket{bucket="prom",host=' \
+        '"%s",le="0.05",method="GET",op="GetObject"} 0.0' % s3_server.host \
+        in text
+    assert 's3slower_request_duration_seconds_count{bucket="prom",host=' \
+        '"%s",method="GET",op="GetObject"} 2.0' % s3_server.host in text
+    assert "s3slower_lost_events_total 0.0" in text
+    assert 's3slower_attached_probes{lib="openssl"}' in text
+    assert "process_resident_memory_bytes" in text
+    assert "/delay-60/a" not in text          # never paths or keys
+
+
+def test_prometheus_port_in_use_is_a_clear_error():
+    require_bpf()
+    import socket
+    from conftest import TOOL
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        proc = subprocess.run([TOOL, "--prometheus-port",
+                               str(sock.getsockname()[1])],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot serve metrics" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Tracing" not in proc.stderr
