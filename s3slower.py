@@ -1316,14 +1316,14 @@ class LatencyHistogram:
         self.min = min(self.min, other.min)
 
     def quantile(self, q):
-        """Value at quantile q (0..1), or None when empty."""
+        """Value at quantile q (0..1) by nearest rank, or None when empty."""
         if self.count == 0:
             return None
-        rank = q * (self.count - 1)
+        rank = max(1, math.ceil(q * self.count))
         seen = 0
         for index in sorted(self.buckets):
             seen += self.buckets[index]
-            if seen > rank:
+            if seen >= rank:
                 if index == 0:
                     value = self.MIN_VALUE
                 else:
