@@ -88,7 +88,7 @@ fi
 
 # --- test dependencies -----------------------------------------------------
 if [ "$want_tests" -eq 1 ]; then
-    apt_install python3-pytest python3-boto3 python3-hypothesis curl wget \
+    apt_install python3-pytest python3-boto3 python3-hypothesis curl wget awscli s3cmd \
         openssl ca-certificates procps
 fi
 

@@ -1703,6 +1703,7 @@ class Tracer:
         self.bcc = bcc
         self.bpf = None
         self.error = None
+        self.events = 0
         self.reported = 0
 
     def load(self, libraries):
@@ -1759,6 +1760,7 @@ class Tracer:
     def on_event(self, ctx, data, size):
         # ctypes would print and swallow an exception raised here: keep it
         # for run() to re-raise once the poll returns.
+        self.events += 1
         try:
             self.assembler.feed(decode_event(ctypes.string_at(data, size)))
         except BaseException as exc:
@@ -1814,9 +1816,13 @@ class Tracer:
             stream = sys.stderr if self.json else self.out
             stream.write("\n" + tables + "\n")
             stream.flush()
+        log("%d requests reported from %d kernel events; %d lost events, "
+            "%d incomplete requests" % (self.reported, self.events,
+                                        self.lost_reported,
+                                        self.assembler.incomplete))
         if self.lost_reported:
-            log("%d events lost in all; requests they belonged to were "
-                "reported incomplete or not at all" % self.lost_reported)
+            log("requests whose events were lost were reported incomplete "
+                "or not at all")
 
 
 def main(argv=None):

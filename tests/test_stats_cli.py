@@ -149,3 +149,22 @@ def test_starts_under_an_interpreter_without_bcc():
     tracer = Tracer(python=python)
     assert tracer.stop() == 0
     assert "Tracing" in tracer.stderr()
+
+
+def test_request_filters():
+    req = s.Request(0, 1, 1, "c", "openssl", "b.s3.amazonaws.com",
+                    "s3.amazonaws.com", "PUT", "/k", "b", "k", "PutObject",
+                    200, 5, 0, 1.0, 20.0, 0.5, None, None, True)
+    args = s.parse_args([])
+    assert s.request_matches(req, args)
+    for argv, ok in ((["--method", "PUT"], True), (["--method", "GET"], False),
+                     (["--op", "PutObject"], True),
+                     (["--op", "GetObject"], False),
+                     (["--bucket", "b"], True), (["--bucket", "c"], False),
+                     (["--host-substr", "amazonaws"], True),
+                     (["--host-substr", "minio"], False),
+                     (["--min-lat-ms", "20"], True),
+                     (["--min-lat-ms", "20.5"], False)):
+        assert s.request_matches(req, s.parse_args(argv)) is ok, argv
+    assert not s.request_matches(req._replace(latency_ms=None),
+                                 s.parse_args(["--min-lat-ms", "1"]))
