@@ -306,7 +306,9 @@ struct conn_key {
 
 struct conn_state {
     u64 req_start;      /* entry of the request's first write */
-    u64 req_end;        /* return of its last write */
+    u64 req_end;        /* entry of its last write: the server cannot have
+                         * the last byte earlier, so turnaround is never
+                         * below the server's own time */
     u64 req_bytes;
     u64 resp_start;     /* return of the response's first read */
     u64 resp_end;       /* return of its last read */
@@ -363,7 +365,9 @@ struct event {
     char data[MAX_DATA];
 };
 
-BPF_HASH(calls, u32, struct call_args, 16384);
+/* LRU everywhere: a thread killed inside SSL_read, a connection never
+ * freed, a process that exits uncleanly must not fill a map for good. */
+BPF_TABLE("lru_hash", u32, struct call_args, calls, 16384);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_state, conns, __MAX_CONNS__);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_ctl, ctls, __MAX_CONNS__);
 BPF_TABLE("lru_hash", u32, u8, procs, 16384);
@@ -560,7 +564,7 @@ static __always_inline int exit_write(struct pt_regs *ctx)
         s->rd_events = 0;
         s->chunk_end = 0;
     }
-    s->req_end = now;
+    s->req_end = a.start;
     s->req_bytes += n;
     if (s->wr_events < MAX_WRITE_EVENTS || is_req) {
         s->wr_events++;
