@@ -1250,7 +1250,7 @@ def build_request(ex, event, complete):
     ttfb = turnaround = latency = None
     if event.resp_start and event.resp_start >= start:
         ttfb = (event.resp_start - start) / NS_PER_MS
-        if event.req_end and event.resp_start >= event.req_end:
+        if event.resp_start >= event.req_end:
             turnaround = (event.resp_start - event.req_end) / NS_PER_MS
         if resp is not None and event.resp_end:
             latency = (event.resp_end - start) / NS_PER_MS
