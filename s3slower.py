@@ -24,7 +24,6 @@
 import argparse
 import ctypes
 import datetime
-import errno
 import glob
 import json
 import math
@@ -34,7 +33,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections import OrderedDict, defaultdict, namedtuple
 from urllib.parse import unquote

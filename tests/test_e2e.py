@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, TESTS, S3Server, Tracer, python_client,
+from conftest import (PYTHON, TESTS, Tracer, python_client,
                       require_bpf, run_client, stop_process, wait_until)
 
 HTTPCLIENT = os.path.join(TESTS, "clients", "httpclient.py")
@@ -39,6 +39,16 @@ def boto3_run(s3_server, scenario, arg=None, timeout=180):
         args.append(str(arg))
     pid, out = run_client(args, timeout=timeout)
     return pid, json.loads(out)
+
+
+def seed(s3_server, bucket, key=None, data=""):
+    """Create a bucket (and an object in it) outside the tracer's interest."""
+    url = "%s/%s" % (s3_server.url, bucket)
+    run_client(["curl", "-skf", "-X", "PUT", url])
+    if key:
+        run_client(["curl", "-skf", "-X", "PUT", "--data-binary", data,
+                    url + "/" + key])
+    return url
 
 
 def test_curl_keepalive_requests_each_reported_once(tracer, s3_server):
@@ -69,9 +79,7 @@ def test_curl_keepalive_requests_each_reported_once(tracer, s3_server):
 
 
 def test_http_client_delay_and_precision(tracer, s3_server):
-    run_client(["curl", "-skf", "-X", "PUT", s3_server.url + "/pyb"])
-    run_client(["curl", "-skf", "-X", "PUT", "--data-binary", "x" * 5000,
-                s3_server.url + "/pyb/delay-150/obj"])
+    seed(s3_server, "pyb", "delay-150/obj", "x" * 5000)
     plan = [{"method": "GET", "path": "/pyb/delay-150/obj"},
             {"method": "GET", "path": "/pyb/delay-150/obj"},
             {"method": "HEAD", "path": "/pyb/delay-150/obj"},
@@ -179,10 +187,7 @@ def test_error_codes(tracer, s3_server):
 
 
 def test_chunked_response(tracer, s3_server):
-    url = s3_server.url + "/chk"
-    run_client(["curl", "-skf", "-X", "PUT", url])
-    run_client(["curl", "-skf", "-X", "PUT", "--data-binary", "c" * 100000,
-                url + "/chunked/o"])
+    url = seed(s3_server, "chk", "chunked/o", "c" * 100000)
     pid, _ = run_client(["curl", "-skf", "-o", "/dev/null",
                          url + "/chunked/o"])
     (r,) = tracer.wait_records(1, pid=pid)
@@ -191,10 +196,7 @@ def test_chunked_response(tracer, s3_server):
 
 
 def test_connection_closed_mid_response_is_incomplete(tracer, s3_server):
-    url = s3_server.url + "/hang"
-    run_client(["curl", "-skf", "-X", "PUT", url])
-    run_client(["curl", "-skf", "-X", "PUT", "--data-binary", "h" * 100000,
-                url + "/hangup/o"])
+    url = seed(s3_server, "hang", "hangup/o", "h" * 100000)
     proc = subprocess.Popen(["curl", "-sk", "-o", "/dev/null",
                              url + "/hangup/o"])
     assert proc.wait(30) != 0          # curl saw the body cut short
@@ -290,10 +292,7 @@ def test_text_output_and_statistics_tables(s3_server):
 
 
 def test_wget_gnutls(tracer, s3_server):
-    url = s3_server.url + "/wg"
-    run_client(["curl", "-skf", "-X", "PUT", url])
-    run_client(["curl", "-skf", "-X", "PUT", "--data-binary", "w" * 3000,
-                url + "/obj"])
+    url = seed(s3_server, "wg", "obj", "w" * 3000)
     # Two requests on one keep-alive connection, then an upload.
     pid, _ = run_client(["wget", "-q", "--no-check-certificate", "-O",
                          "/dev/null", url + "/obj", url + "/obj"])
