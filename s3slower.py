@@ -1092,7 +1092,6 @@ class Assembler:
         self.include_unknown = include_unknown
         self.max_conns = max_conns
         self.conns = OrderedDict()   # (tgid, lib, handle) -> Exchange
-        self.unmatched = 0
         self.incomplete = 0
 
     def feed(self, event):
@@ -1121,9 +1120,7 @@ class Assembler:
                     ex.req_buf = b""
             return
         if ex is None or event.seq != ex.seq:
-            if kind in (EV_READ, EV_DONE) and self.include_unknown:
-                self.unmatched += 1
-            return
+            return   # the rest of an exchange already reported
         ex.last = event
         if kind == EV_CLOSE:
             self._finish(key, ex, event, complete=self._body_done(ex, event))
@@ -1660,6 +1657,7 @@ PROBE_HANDLERS = {"write": ("write_enter", "write_exit"),
                   "read": ("read_enter", "read_exit"),
                   "read_ex": ("read_ex_enter", "read_exit"),
                   "close": ("close_enter", None)}
+# The handlers every family's C code defines (the _ex ones are OpenSSL's).
 PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
                       "close_enter")
 
