@@ -34,7 +34,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections import OrderedDict, defaultdict, namedtuple
+from collections import OrderedDict, defaultdict, deque, namedtuple
 from urllib.parse import unquote
 
 VERSION = "0.2.0"
@@ -56,6 +56,8 @@ examples = """examples:
 # ---------------------------------------------------------------------------
 
 HTTP_METHODS = ("GET", "PUT", "POST", "HEAD", "DELETE", "OPTIONS", "PATCH")
+# The four bytes the kernel checks to see a request start (is_request_start).
+HTTP_METHOD_PREFIXES = frozenset(m[:4].encode().rstrip() for m in HTTP_METHODS)
 
 
 def positive_float(text):
@@ -279,7 +281,8 @@ MAX_WRITE_EVENTS = 4      # writes of a request sent with data
 MAX_READ_EVENTS = 4       # reads of a response sent before user space decides
 
 EV_WRITE, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT = 1, 2, 3, 4, 5
-MODE_LENGTH, MODE_CHUNKED, MODE_CLOSE = 1, 2, 3
+MODE_LENGTH, MODE_CHUNKED, MODE_CLOSE, MODE_PIPELINED = 1, 2, 3, 4
+FLAG_CHUNK_END, FLAG_PIPELINED = 1, 2
 
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
@@ -291,8 +294,9 @@ BPF_TEXT = r"""
 
 enum { EV_WRITE = 1, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT };
 enum { PHASE_NEW = 0, PHASE_REQ, PHASE_RESP, PHASE_IGNORED };
-enum { MODE_LENGTH = 1, MODE_CHUNKED, MODE_CLOSE };
+enum { MODE_LENGTH = 1, MODE_CHUNKED, MODE_CLOSE, MODE_PIPELINED };
 enum { STAT_LOST = 0, STAT_CALL_COLLISION = 1 };
+enum { FLAG_CHUNK_END = 1, FLAG_PIPELINED = 2 };
 
 /* A connection is whatever handle the library hands its callers: SSL *,
  * gnutls_session_t, PRFileDesc *; later a Go *Conn or a (pid, fd). */
@@ -317,7 +321,9 @@ struct conn_state {
     u16 rd_events;
     u8 phase;
     u8 chunk_end;       /* last read ended with a chunked terminator */
-    u8 pad[2];
+    u8 pipelined;       /* a request was sent before the previous response:
+                         * every call goes to user space from then on */
+    u8 pad;
 };
 
 /* Set by user space once it has parsed a response head: how the kernel
@@ -541,6 +547,20 @@ static __always_inline int exit_write(struct pt_regs *ctx)
     }
     if (s->phase == PHASE_IGNORED)
         return 0;
+    /* A request while the previous one has no response yet, or after user
+     * space found several requests in one write: HTTP pipelining. Stream
+     * offsets replace per-request counters from then on. */
+    if (is_req && !s->pipelined) {
+        struct conn_ctl *c = ctls.lookup(&k);
+        if (s->phase == PHASE_REQ || (c && c->mode == MODE_PIPELINED))
+            s->pipelined = 1;
+    }
+    if (s->pipelined) {
+        s->req_end = a.start;
+        s->req_bytes += n;
+        send_event(EV_WRITE, &k, s, now, n, a.buf, FLAG_PIPELINED);
+        return 0;
+    }
     if (is_req) {
         s->seq++;
         s->phase = PHASE_REQ;
@@ -602,6 +622,17 @@ static __always_inline int exit_read(struct pt_regs *ctx)
     struct conn_state *s = conns.lookup(&k);
     if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
         return 0;
+    struct conn_ctl *c = ctls.lookup(&k);
+    if (c && c->mode == MODE_PIPELINED)
+        s->pipelined = 1;   /* user space saw several requests in one write */
+    if (s->pipelined) {
+        if (!s->resp_start)
+            s->resp_start = now;
+        s->resp_bytes += n;
+        s->resp_end = now;
+        send_event(EV_READ, &k, s, now, n, a.buf, FLAG_PIPELINED);
+        return 0;
+    }
     if (s->phase == PHASE_REQ) {
         s->phase = PHASE_RESP;
         s->rphase++;
@@ -616,7 +647,6 @@ static __always_inline int exit_read(struct pt_regs *ctx)
 
     u8 type = EV_READ;
     int emit = s->rd_events < MAX_READ_EVENTS;
-    struct conn_ctl *c = ctls.lookup(&k);
     if (c && c->rphase == s->rphase) {
         emit = c->stream;
         if ((c->mode == MODE_LENGTH && before < c->expect &&
@@ -629,7 +659,8 @@ static __always_inline int exit_read(struct pt_regs *ctx)
     if (s->rd_events < 0xffff)
         s->rd_events++;
     if (emit)
-        send_event(type, &k, s, now, n, a.buf, s->chunk_end);
+        send_event(type, &k, s, now, n, a.buf,
+                   s->chunk_end ? FLAG_CHUNK_END : 0);
     return 0;
 }
 
@@ -643,7 +674,9 @@ static __always_inline int close_conn(struct pt_regs *ctx, u32 lib, u64 handle)
     /* The close carries the final counters and the chunked-end flag: user
      * space may not have parsed the response head yet. */
     if (s->phase == PHASE_REQ || s->phase == PHASE_RESP)
-        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0, s->chunk_end);
+        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0,
+                   (s->chunk_end ? FLAG_CHUNK_END : 0) |
+                   (s->pipelined ? FLAG_PIPELINED : 0));
     conns.delete(&k);
     ctls.delete(&k);
     return 0;
@@ -1049,11 +1082,21 @@ Request = namedtuple("Request", """start_ns pid tid comm lib host endpoint metho
 NS_PER_MS = 1e6
 
 
+def time_at(calls, offset):
+    """Time of the call that moved the byte at offset, from (end offset,
+    time) pairs in stream order."""
+    for end, ts in calls:
+        if end > offset:
+            return ts
+    return calls[-1][1] if calls else None
+
+
 class Exchange:
     """One request on one connection, from its first write to its end."""
 
-    __slots__ = ("seq", "tid", "comm", "start_ns", "req_buf", "req", "rphase",
-                 "resp_buf", "resp_seen", "resp", "resp_offset", "framing",
+    __slots__ = ("seq", "tid", "comm", "start_ns", "req_end", "req_buf",
+                 "req", "req_rest", "rphase", "resp_buf", "resp_seen", "resp",
+                 "resp_offset", "resp_first", "head_reads", "framing",
                  "expect", "body", "decided", "last")
 
     def __init__(self, event):
@@ -1061,18 +1104,227 @@ class Exchange:
         self.tid = event.tid
         self.comm = event.comm
         self.start_ns = event.req_start
+        self.req_end = event.req_end
         self.req_buf = event.data
         self.req = None
+        self.req_rest = b""      # bytes after the request: pipelined ones
         self.rphase = None
         self.resp_buf = b""
         self.resp_seen = 0       # bytes read in this read phase, per events
         self.resp = None
         self.resp_offset = 0     # start of the final response's head
+        self.resp_first = None   # its first read, when not the phase's first
+        self.head_reads = []     # (end offset, time) of reads before the head
         self.framing = None
         self.expect = None
         self.body = b""
         self.decided = False
         self.last = event
+
+
+class PipelinedRequest:
+    """One request of a pipelining connection, in the shape build_request
+    takes from an Exchange."""
+
+    __slots__ = ("req", "tid", "comm", "start_ns", "end_ns", "offset",
+                 "resp", "resp_start", "resp_begin", "resp_offset", "body",
+                 "body_offset", "framing", "resp_end_offset", "resp_first")
+
+    def __init__(self, req, tid, comm, start_ns, end_ns, offset):
+        self.req, self.tid, self.comm = req, tid, comm
+        self.start_ns, self.end_ns, self.offset = start_ns, end_ns, offset
+        self.resp = self.resp_start = self.framing = None
+        self.resp_begin = self.resp_end_offset = self.body_offset = None
+        self.resp_first = None    # resp_start is already the final response's
+        self.resp_offset = 0
+        self.body = b""
+
+
+class Pipeline:
+    """A connection whose client sent a request before reading the previous
+    response (HTTP pipelining).
+
+    The kernel then sends every write and read with stream offsets in its
+    counters; requests are split by their framing and answered in order
+    (RFC 9112 9.3.2). feed() and abandon() return the finished requests as
+    (PipelinedRequest, event, complete) triples.
+    """
+
+    def __init__(self, ex, event):
+        self.seq = event.seq
+        self.last = event
+        self.pending = deque()
+        self.next_request = None     # offset of the next request head
+        self.wbuf, self.wbuf_offset = b"", 0
+        self.writes = deque()        # (end offset, entry time) of writes
+        self.rbuf, self.rbuf_offset = b"", 0
+        self.reads = deque()         # (end offset, return time) of reads
+        self.next_response = 0
+        if ex is None:
+            return
+        self.pending.append(PipelinedRequest(ex.req, ex.tid, ex.comm,
+                                             ex.start_ns, ex.req_end, 0))
+        self.next_request = self._request_end(ex.req, 0)
+        if ex.req_rest:
+            # The rest of the first write: more requests behind the first.
+            self.wbuf_offset = self.next_request
+            self.wbuf = ex.req_rest
+            end = self.next_request + len(ex.req_rest)
+            self.writes.append((end, ex.req_end))
+            self._parse_requests(ex.last, end)
+
+    @staticmethod
+    def _request_end(head, offset):
+        """Offset after head and its body, None if the body has no length."""
+        if head is None or "transfer-encoding" in head.headers:
+            return None
+        return offset + head.length + (content_length(head.headers) or 0)
+
+    def feed(self, event):
+        self.last = event
+        if event.type == EV_WRITE:
+            self._write(event)
+            return []
+        if event.type in (EV_READ, EV_DONE):
+            return self._read(event)
+        if event.type == EV_CLOSE:
+            return self._close(event)
+        return []
+
+    def _write(self, event):
+        start = event.req_bytes - event.len
+        end = event.req_bytes
+        self.writes.append((end, event.req_end))
+        if self.next_request is None and (
+                parse_request_head(event.data) or
+                event.data[:4].rstrip() in HTTP_METHOD_PREFIXES):
+            self.next_request = start   # a request at a write boundary
+        if start != self.wbuf_offset + len(self.wbuf):
+            self.wbuf, self.wbuf_offset = b"", start
+        self.wbuf += event.data
+        self._parse_requests(event, end, truncated=event.cap < event.len)
+        for item in self.pending:
+            if item.offset < end and item.resp is None:
+                item.end_ns = event.req_end
+        while len(self.writes) > 1 and self.writes[0][0] <= \
+                (self.pending[0].offset if self.pending else end):
+            self.writes.popleft()
+
+    def _parse_requests(self, event, end, truncated=False):
+        """Queue the request heads that start in the write buffer."""
+        while self.next_request is not None and \
+                self.wbuf_offset <= self.next_request < end:
+            rel = self.next_request - self.wbuf_offset
+            head = parse_request_head(self.wbuf[rel:])
+            if head is None:
+                if len(self.wbuf) - rel > MAX_HEAD or truncated:
+                    self.next_request = None
+                break
+            offset = self.next_request
+            self.pending.append(PipelinedRequest(
+                head, event.tid, event.comm,
+                time_at(self.writes, offset), event.req_end, offset))
+            self.next_request = self._request_end(head, offset)
+        # Keep only what a later head may still need.
+        keep = self.next_request if self.next_request is not None else end
+        if truncated or keep >= end:
+            self.wbuf, self.wbuf_offset = b"", end
+        elif keep > self.wbuf_offset:
+            self.wbuf = self.wbuf[keep - self.wbuf_offset:]
+            self.wbuf_offset = keep
+
+    def _read(self, event):
+        start = event.resp_bytes - event.len
+        end = event.resp_bytes
+        self.reads.append((end, event.ts))
+        if start != self.rbuf_offset + len(self.rbuf):
+            self.rbuf, self.rbuf_offset = b"", start
+        self.rbuf += event.data
+        done = []
+        while self.pending:
+            item = self.pending[0]
+            if item.resp is None and not self._response_head(item, end):
+                break
+            if item.resp_end_offset is None and item.framing == "chunked":
+                rel = max(item.resp_begin + item.resp_offset +
+                          item.resp.length - 2 - self.rbuf_offset, 0)
+                found = self.rbuf.find(b"\r\n0\r\n\r\n", rel)
+                if found >= 0:
+                    item.resp_end_offset = self.rbuf_offset + found + 7
+            if item.resp_end_offset is None or item.resp_end_offset > end:
+                break
+            self.pending.popleft()
+            self.next_response = item.resp_end_offset
+            body = item.body_offset - self.rbuf_offset
+            if body >= 0:   # error bodies are short: whole in the buffer
+                item.body = self.rbuf[body:body + MAX_DATA]
+            done.append(self._finished(item, event, True))
+        if event.cap < event.len:
+            self.rbuf, self.rbuf_offset = b"", end   # the rest is body
+        elif self.next_response > self.rbuf_offset:
+            cut = min(self.next_response - self.rbuf_offset, len(self.rbuf))
+            self.rbuf = self.rbuf[cut:]
+            self.rbuf_offset += cut
+        if len(self.rbuf) > MAX_HEAD:
+            self.rbuf, self.rbuf_offset = b"", end
+        while len(self.reads) > 1 and self.reads[0][0] <= self.next_response:
+            self.reads.popleft()
+        return done
+
+    def _response_head(self, item, end):
+        """Parse the head of item's response if its bytes are here."""
+        while True:
+            at = self.next_response + item.resp_offset
+            rel = at - self.rbuf_offset
+            if at >= end or rel < 0 or rel > len(self.rbuf):
+                return False
+            head = parse_response_head(self.rbuf[rel:])
+            if head is None:
+                return False
+            item.resp_begin = self.next_response
+            if 100 <= head.status < 200:
+                item.resp_offset += head.length
+                continue
+            item.resp = head
+            item.resp_start = time_at(self.reads, at)
+            item.body_offset = at + head.length
+            method = item.req.method if item.req else None
+            item.framing, length = response_framing(method, head)
+            if item.framing in ("none", "length"):
+                item.resp_end_offset = at + head.length + (length or 0)
+            return True
+
+    def _finished(self, item, event, complete, end_offset=None):
+        if end_offset is None:
+            end_offset = item.resp_end_offset
+        resp_end = None
+        if item.resp is not None and end_offset:
+            resp_end = time_at(self.reads, end_offset - 1)
+        following = self.pending[0].offset if self.pending else \
+            event.req_bytes
+        begin = item.resp_begin if item.resp_begin is not None else 0
+        return item, event._replace(
+            req_start=item.start_ns, req_end=item.end_ns,
+            req_bytes=max(following - item.offset, 0),
+            resp_start=item.resp_start or 0, resp_end=resp_end or 0,
+            resp_bytes=max((end_offset or begin) - begin, 0)), complete
+
+    def _close(self, event):
+        done = []
+        while self.pending:
+            item = self.pending.popleft()
+            until_close = item.framing == "close"
+            end = event.resp_bytes if until_close else item.resp_end_offset
+            done.append(self._finished(item, event, until_close, end))
+        return done
+
+    def abandon(self):
+        """Every request still waiting, as incomplete."""
+        done = []
+        while self.pending:
+            item = self.pending.popleft()
+            done.append(self._finished(item, self.last, False))
+        return done
 
 
 class Assembler:
@@ -1101,6 +1353,15 @@ class Assembler:
             return
         key = (event.tgid, event.lib, event.handle)
         ex = self.conns.get(key)
+        if event.flags & FLAG_PIPELINED and not isinstance(ex, Pipeline):
+            ex = Pipeline(ex, event)
+            self._remember(key, ex)
+        if isinstance(ex, Pipeline):
+            for item, ended, complete in ex.feed(event):
+                self._report(item, ended, complete)
+            if kind == EV_CLOSE:
+                self.conns.pop(key, None)
+            return
         if kind == EV_WRITE:
             if ex is not None and event.seq != ex.seq:
                 # A new request on a connection whose previous one did not
@@ -1114,9 +1375,19 @@ class Assembler:
                 if ex.req is None and len(ex.req_buf) < MAX_HEAD:
                     ex.req_buf += event.data
             ex.last = event
+            ex.req_end = event.req_end
             if ex.req is None:
                 ex.req = parse_request_head(ex.req_buf)
                 if ex.req is not None:
+                    end = Pipeline._request_end(ex.req, 0)
+                    if end is not None and \
+                            ex.req_buf[end:end + 4].rstrip() in \
+                            HTTP_METHOD_PREFIXES:
+                        # Several requests in one write: pipelining the
+                        # kernel cannot see. Make it stream this connection.
+                        ex.req_rest = ex.req_buf[end:]
+                        self.control(event, MODE_PIPELINED, 0, True)
+                        self._remember(key, Pipeline(ex, event))
                     ex.req_buf = b""
             return
         if ex is None or event.seq != ex.seq:
@@ -1129,9 +1400,11 @@ class Assembler:
             # A new read phase: a final response after 100 Continue.
             ex.rphase = event.rphase
             ex.resp_buf, ex.resp_seen, ex.resp = b"", 0, None
-            ex.body, ex.decided = b"", False
+            ex.body, ex.decided, ex.resp_offset = b"", False, 0
+            ex.head_reads, ex.resp_first = [], None
         ex.resp_seen += event.len
         if ex.resp is None:
+            ex.head_reads.append((event.resp_bytes, event.ts))
             self._read_head(ex, event)
             if ex.resp is None:
                 return
@@ -1155,6 +1428,11 @@ class Assembler:
                 ex.resp_buf = ex.resp_buf[head.length:]
                 continue
             ex.resp = head
+            if ex.resp_offset:
+                # After an interim response in the same read phase: the
+                # final response starts later than the phase's first read.
+                ex.resp_first = time_at(ex.head_reads, ex.resp_offset)
+            ex.head_reads = None
             ex.body = ex.resp_buf[head.length:head.length + MAX_DATA]
             ex.resp_buf = b""
             method = ex.req.method if ex.req else None
@@ -1171,7 +1449,7 @@ class Assembler:
         if ex.framing == "length":
             return event.resp_bytes >= ex.expect
         if ex.framing == "chunked":
-            return bool(event.flags)
+            return bool(event.flags & FLAG_CHUNK_END)
         return event.type == EV_CLOSE     # body ends with the connection
 
     def _decide(self, key, ex, event):
@@ -1214,6 +1492,13 @@ class Assembler:
     def _finish(self, key, ex, event, complete, pop=True):
         if pop:
             self.conns.pop(key, None)
+        if isinstance(ex, Pipeline):
+            for item, ended, complete in ex.abandon():
+                self._report(item, ended, complete)
+        else:
+            self._report(ex, event, complete)
+
+    def _report(self, ex, event, complete):
         if not complete:
             self.incomplete += 1
         request = build_request(ex, event, complete)
@@ -1242,11 +1527,12 @@ def build_request(ex, event, complete):
     if resp is not None and event.resp_bytes:
         resp_bytes = max(event.resp_bytes - ex.resp_offset - resp.length, 0)
     start = ex.start_ns
+    first = ex.resp_first or event.resp_start
     ttfb = turnaround = latency = None
-    if event.resp_start and event.resp_start >= start:
-        ttfb = (event.resp_start - start) / NS_PER_MS
-        if event.resp_start >= event.req_end:
-            turnaround = (event.resp_start - event.req_end) / NS_PER_MS
+    if first and first >= start:
+        ttfb = (first - start) / NS_PER_MS
+        if first >= event.req_end:
+            turnaround = (first - event.req_end) / NS_PER_MS
         if resp is not None and event.resp_end:
             latency = (event.resp_end - start) / NS_PER_MS
     error_code = None

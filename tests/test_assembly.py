@@ -26,7 +26,14 @@ class Conn:
 
     def write(self, start, end, data, length=None):
         length = len(data) if length is None else length
-        if data[:4] in (b"GET ", b"PUT ", b"POST", b"HEAD", b"DELE"):
+        is_req = data[:4] in (b"GET ", b"PUT ", b"POST", b"HEAD", b"DELE")
+        if is_req and self.phase == "req" or self.phase == "pipelined":
+            self.phase = "pipelined"
+            self.state["req_end"] = start
+            self.state["req_bytes"] += length
+            return self._event(s.EV_WRITE, end, data[:s.MAX_DATA], length,
+                               s.FLAG_PIPELINED)
+        if is_req:
             self.seq += 1
             self.phase = "req"
             self.state.update(req_start=start, req_bytes=0, resp_start=0,
@@ -40,6 +47,12 @@ class Conn:
 
     def read(self, ts, data, length=None, kind=s.EV_READ):
         length = len(data) if length is None else length
+        if self.phase == "pipelined":
+            self.state["resp_start"] = self.state["resp_start"] or ts
+            self.state["resp_bytes"] += length
+            self.state["resp_end"] = ts
+            return self._event(kind, ts, data[:s.MAX_DATA], length,
+                               s.FLAG_PIPELINED)
         if self.phase == "req":
             self.phase = "resp"
             self.rphase += 1
@@ -50,7 +63,8 @@ class Conn:
         return self._event(kind, ts, data[:s.MAX_DATA], length, flags)
 
     def close(self, ts):
-        return self._event(s.EV_CLOSE, ts)
+        flags = s.FLAG_PIPELINED if self.phase == "pipelined" else 0
+        return self._event(s.EV_CLOSE, ts, flags=flags)
 
 
 def collect(**kw):
@@ -103,6 +117,35 @@ def test_100_continue_is_not_the_response():
     (r,) = out
     assert r.status == 200 and r.req_bytes == 4
     assert r.ttfb_ms == 20.0 and r.turnaround_ms == 17.0
+
+
+def test_100_continue_then_body_response_counts_from_its_own_phase():
+    calls = []
+    out, asm = collect(control=lambda *a: calls.append(a[1:]))
+    c = Conn()
+    asm.feed(c.write(0, 1 * MS, b"PUT /b/k HTTP/1.1\r\nHost: h\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n"))
+    asm.feed(c.read(2 * MS, b"HTTP/1.1 100 Continue\r\n\r\n"))
+    asm.feed(c.write(3 * MS, 4 * MS, b"data"))
+    head = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 9\r\n\r\n"
+    asm.feed(c.read(20 * MS, head + b"<Err"))
+    assert calls[-1][:2] == (s.MODE_LENGTH, len(head) + 9)
+    asm.feed(c.read(21 * MS, b"or/>!"))
+    (r,) = out
+    assert (r.status, r.resp_bytes, r.latency_ms) == (400, 9, 21.0)
+
+
+def test_interim_response_before_final_in_later_read_of_same_phase():
+    out, asm = collect()
+    c = Conn()
+    # The server answered 100 Continue only after the whole body arrived.
+    asm.feed(c.write(0, 1 * MS, b"PUT /b/k HTTP/1.1\r\nHost: h\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n"))
+    asm.feed(c.write(2 * MS, 3 * MS, b"data"))
+    asm.feed(c.read(4 * MS, b"HTTP/1.1 100 Continue\r\n\r\n"))
+    asm.feed(c.read(15 * MS, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    (r,) = out
+    assert (r.ttfb_ms, r.latency_ms, r.turnaround_ms) == (15.0, 15.0, 13.0)
 
 
 def test_interim_and_final_response_in_one_read():
@@ -201,13 +244,46 @@ def test_process_exit_flushes_its_connections_only():
     assert [r.pid for r in out] == [1]
 
 
-def test_new_request_before_response_reports_previous_incomplete():
+def test_pipelined_requests_matched_in_order_with_their_own_times():
+    out, asm = collect()
+    c = Conn()
+    put = (b"PUT /bkt/up HTTP/1.1\r\nHost: s3.example.com\r\n"
+           b"Content-Length: 8\r\n\r\nGET body")    # a body that looks like GET
+    head = b"HEAD /bkt/h HTTP/1.1\r\nHost: s3.example.com\r\n\r\n"
+    asm.feed(c.write(0, 1, GET))
+    asm.feed(c.write(2 * MS, 3 * MS, put))        # pipelined from here on
+    asm.feed(c.write(4 * MS, 5 * MS, head + GET))   # two heads in one write
+    assert out == []
+    nf = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 42\r\n\r\n"
+          b"<Error><Code>NoSuchKey</Code></Error>     ")
+    hd = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
+    asm.feed(c.read(10 * MS, OK + b"hel"))
+    asm.feed(c.read(11 * MS, b"lo" + b"HTTP/1.1 100 Continue\r\n\r\n"))
+    asm.feed(c.read(12 * MS, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                     + hd + nf[:30]))
+    assert [r.method for r in out] == ["GET", "PUT", "HEAD"]
+    asm.feed(c.read(15 * MS, nf[30:]))
+    get, put_r, head_r, last = out
+    assert (get.ttfb_ms, get.latency_ms, get.resp_bytes, get.req_bytes) == \
+        (10.0, 11.0, 5, 0)
+    assert (put_r.op, put_r.status, put_r.req_bytes, put_r.ttfb_ms,
+            put_r.latency_ms) == ("PutObject", 200, 8, 10.0, 10.0)
+    assert (head_r.status, head_r.resp_bytes, head_r.ttfb_ms) == \
+        (200, 0, 8.0)
+    assert (last.status, last.error_code, last.resp_bytes, last.latency_ms,
+            last.complete) == (404, "NoSuchKey", 42, 11.0, True)
+    assert [len(p.pending) for p in asm.conns.values()] == [0]
+
+
+def test_pipelined_requests_unanswered_at_close_are_incomplete():
     out, asm = collect()
     c = Conn()
     asm.feed(c.write(0, 1, GET))
     asm.feed(c.write(5, 6, GET))
     asm.feed(c.read(9 * MS, OK + b"hello"))
-    assert [r.complete for r in out] == [False, True]
+    asm.feed(c.close(10 * MS))
+    assert [r.complete for r in out] == [True, False]
+    assert asm.incomplete == 1 and asm.conns == {}
 
 
 def test_connection_table_is_bounded():

@@ -165,6 +165,23 @@ def test_boto3_multipart_upload(tracer, s3_server):
             assert r["turnaround_ms"] is not None
 
 
+def test_boto3_aws_chunked_uploads(tracer, s3_server):
+    pid, result = boto3_run(s3_server, "awschunked")
+    records = tracer.wait_records(5, pid=pid)
+    puts = [r for r in records if r["method"] == "PUT" and r["key"]]
+    assert [(r["op"], r["key"], r["status"]) for r in puts] == [
+        ("PutObject", "small", 200), ("PutObject", "big", 200)]
+    for r, size, done in zip(puts, (1000, 3 * 1024 * 1024), result["done"]):
+        assert r["complete"]
+        # The wire body: data plus chunk framing and the checksum trailer.
+        assert size < r["req_bytes"] < size + 1024
+        assert r["ttfb_ms"] <= r["latency_ms"] <= done["ms"] + 0.05
+        # The server answers after the whole body: its share is small.
+        assert 0 <= r["turnaround_ms"] <= r["ttfb_ms"]
+    big = puts[1]
+    assert big["ttfb_ms"] >= big["latency_ms"] - 1, big   # no body in reply
+
+
 def test_large_get_and_put(tracer, s3_server):
     pid, result = boto3_run(s3_server, "large", 16)
     records = tracer.wait_records(3, pid=pid)
@@ -193,6 +210,66 @@ def test_chunked_response(tracer, s3_server):
     (r,) = tracer.wait_records(1, pid=pid)
     assert r["complete"] and r["status"] == 200
     assert r["resp_bytes"] >= 100000     # body bytes incl. chunk framing
+
+
+PIPELINING_CLIENT = r"""
+import http.client, json, socket, ssl, sys, time
+port, plan = int(sys.argv[1]), json.loads(sys.argv[2])
+ctx = ssl._create_unverified_context()
+sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+stream = sock.makefile("rb")
+class Stream:                 # successive responses from one buffered stream
+    def __getattr__(self, name):
+        return getattr(stream, name)
+    def close(self):
+        pass
+class Reader:
+    def makefile(self, *a, **k):
+        return Stream()
+def request(method, path, body=b""):
+    return (b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d"
+            b"\r\n\r\n%s" % (method.encode(), path.encode(), port, len(body),
+                              body))
+t0 = time.monotonic_ns()
+for batch in plan:            # each batch is one write holding its requests
+    sock.sendall(b"".join(request(m, p, b.encode()) for m, p, b in batch))
+done = []
+for batch in plan:
+    for method, path, _ in batch:
+        resp = http.client.HTTPResponse(Reader(), method=method)
+        resp.begin()
+        resp.read()
+        done.append([method, path, resp.status, time.monotonic_ns() - t0])
+print(json.dumps(done))
+"""
+
+
+@pytest.mark.parametrize("one_write", [True, False],
+                         ids=["heads-in-one-write", "write-per-request"])
+def test_pipelined_requests_matched_in_order(tracer, s3_server, one_write):
+    seed(s3_server, "pipe", "a", "aaaa")
+    first = [["GET", "/pipe/a", ""], ["GET", "/pipe/delay-150/b", ""],
+             ["HEAD", "/pipe/a", ""], ["GET", "/pipe/missing", ""]]
+    plan = [first] if one_write else [[r] for r in first]
+    plan.append([["PUT", "/pipe/c", "GET is not a request here"]])
+    pid, out = python_client(PIPELINING_CLIENT, s3_server.port,
+                             json.dumps(plan))
+    done = json.loads(out)
+    records = tracer.wait_records(5, pid=pid)
+    assert [(r["method"], r["path"], r["status"]) for r in records] == \
+        [tuple(d[:3]) for d in done] == [
+            ("GET", "/pipe/a", 200), ("GET", "/pipe/delay-150/b", 404),
+            ("HEAD", "/pipe/a", 200), ("GET", "/pipe/missing", 404),
+            ("PUT", "/pipe/c", 200)]
+    assert (records[0]["resp_bytes"], records[2]["resp_bytes"]) == (4, 0)
+    assert records[3]["error_code"] == "NoSuchKey"
+    assert records[4]["req_bytes"] == len(plan[-1][0][2])
+    assert all(r["complete"] for r in records)
+    # Everything after the delayed response waits for it (head of line).
+    for r, (_m, _p, _s, measured_ns) in zip(records, done):
+        assert_close(r["latency_ms"], measured_ns, r["path"])
+    assert all(r["latency_ms"] >= 150 for r in records[1:4])
+    assert records[0]["latency_ms"] < 150
 
 
 def test_connection_closed_mid_response_is_incomplete(tracer, s3_server):
@@ -251,6 +328,29 @@ def test_unanswered_request_reported_at_exit_and_pid_filter(s3_server):
         assert "=== Statistics for" in t.stderr()
     finally:
         stop_process(waiting, signal.SIGKILL)
+        t.stop()
+
+
+def test_filters_bucket_op_and_latency_in_the_tool(s3_server):
+    require_bpf()
+    seed(s3_server, "filt1", "a", "x")
+    seed(s3_server, "filt2", "a", "x")
+    t = Tracer("--comm", "curl", "--bucket", "filt1", "--op", "GetObject",
+               "--min-lat-ms", "100")
+    try:
+        url = s3_server.url
+        pid, _ = run_client(
+            ["curl", "-sk", "-o", "/dev/null", url + "/filt1/a",
+             "--next", "-sk", "-o", "/dev/null", url + "/filt1/delay-150/a",
+             "--next", "-sk", "-o", "/dev/null", url + "/filt2/delay-150/a",
+             "--next", "-skI", "-o", "/dev/null", url + "/filt1/delay-150/a",
+             "--next", "-sk", "-o", "/dev/null", "-X", "PUT", url +
+             "/filt1/delay-150/b"])
+        records = t.wait_records(1, pid=pid, settle=1.0)
+        assert [(r["method"], r["path"]) for r in records] == [
+            ("GET", "/filt1/delay-150/a")]
+        assert records[0]["latency_ms"] >= 150
+    finally:
         t.stop()
 
 

@@ -102,6 +102,18 @@ def errors(s3, bucket, done):
             done.append(dict(op=op, key=key, error=exc.response["Error"]["Code"]))
 
 
+def awschunked(s3, bucket, done):
+    """Uploads with a trailing checksum: boto3 then frames the body as
+    aws-chunked (Content-Encoding) over chunked transfer encoding."""
+    s3.create_bucket(Bucket=bucket)
+    for key, size in (("small", 1000), ("big", 3 * 1024 * 1024)):
+        body = open("/dev/zero", "rb").read(size)
+        timed(done, "PutObject", key, s3.put_object, Bucket=bucket, Key=key,
+              Body=body, ChecksumAlgorithm="CRC32")
+        got = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert got == body, (key, len(got))
+
+
 def presign(s3, bucket, done):
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="p", Body=b"presigned")
