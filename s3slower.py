@@ -279,6 +279,8 @@ def discover_libraries(families, extra, pid=None):
 MAX_DATA = 4096           # bytes of one read or write copied to user space
 MAX_WRITE_EVENTS = 4      # writes of a request sent with data
 MAX_READ_EVENTS = 4       # reads of a response sent before user space decides
+HEAD_WINDOW = 8192        # ... and any read starting in its first bytes, so
+                          # a head read in tiny pieces still arrives whole
 
 EV_WRITE, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT = 1, 2, 3, 4, 5
 MODE_LENGTH, MODE_CHUNKED, MODE_CLOSE, MODE_PIPELINED = 1, 2, 3, 4
@@ -291,6 +293,7 @@ BPF_TEXT = r"""
 #define MAX_DATA __MAX_DATA__
 #define MAX_WRITE_EVENTS __MAX_WRITE_EVENTS__
 #define MAX_READ_EVENTS __MAX_READ_EVENTS__
+#define HEAD_WINDOW __HEAD_WINDOW__
 
 enum { EV_WRITE = 1, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT };
 enum { PHASE_NEW = 0, PHASE_REQ, PHASE_RESP, PHASE_IGNORED };
@@ -324,6 +327,7 @@ struct conn_state {
     u8 pipelined;       /* a request was sent before the previous response:
                          * every call goes to user space from then on */
     u8 pad;
+    char tail[8];       /* last bytes read (7 used): chunked-body end */
 };
 
 /* Set by user space once it has parsed a response head: how the kernel
@@ -591,21 +595,28 @@ static __always_inline int exit_write(struct pt_regs *ctx)
     return 0;
 }
 
-/* Does this read end a chunked body ("0\r\n\r\n", maybe after "\r\n")? */
-static __always_inline u8 ends_chunked(u64 buf, u64 n)
+/* Keep the last 7 bytes the connection read, across reads, and tell
+ * whether they end a chunked body: "\r\n0\r\n\r\n" (the head's own
+ * CRLF counts for an empty body). Trailers are not supported. */
+static __always_inline u8 ends_chunked(struct conn_state *s, u64 buf, u64 n)
 {
-    char t[8] = {};
-    if (n >= 7) {
-        bpf_probe_read_user(t, 7, (void *)(buf + n - 7));
-        return t[0] == '\r' && t[1] == '\n' && t[2] == '0' && t[3] == '\r' &&
-               t[4] == '\n' && t[5] == '\r' && t[6] == '\n';
+    char t[7] = {};
+    u64 take = n < 7 ? n : 7;
+    bound_value(take, 7);
+    if (take && bpf_probe_read_user(t, take, (void *)(buf + n - take)) != 0)
+        take = 0;
+#pragma unroll
+    for (int i = 0; i < 7; i++) {
+        if (i < take) {
+#pragma unroll
+            for (int j = 0; j < 6; j++)
+                s->tail[j] = s->tail[j + 1];
+            s->tail[6] = t[i];
+        }
     }
-    if (n == 5) {
-        bpf_probe_read_user(t, 5, (void *)buf);
-        return t[0] == '0' && t[1] == '\r' && t[2] == '\n' && t[3] == '\r' &&
-               t[4] == '\n';
-    }
-    return 0;
+    return s->tail[0] == '\r' && s->tail[1] == '\n' && s->tail[2] == '0' &&
+           s->tail[3] == '\r' && s->tail[4] == '\n' && s->tail[5] == '\r' &&
+           s->tail[6] == '\n';
 }
 
 static __always_inline int exit_read(struct pt_regs *ctx)
@@ -643,10 +654,10 @@ static __always_inline int exit_read(struct pt_regs *ctx)
     u64 before = s->resp_bytes;
     s->resp_bytes += n;
     s->resp_end = now;
-    s->chunk_end = ends_chunked(a.buf, n);
+    s->chunk_end = ends_chunked(s, a.buf, n);
 
     u8 type = EV_READ;
-    int emit = s->rd_events < MAX_READ_EVENTS;
+    int emit = s->rd_events < MAX_READ_EVENTS || before < HEAD_WINDOW;
     if (c && c->rphase == s->rphase) {
         emit = c->stream;
         if ((c->mode == MODE_LENGTH && before < c->expect &&
@@ -740,6 +751,7 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024):
     for name, value in (("__MAX_DATA__", MAX_DATA),
                         ("__MAX_WRITE_EVENTS__", MAX_WRITE_EVENTS),
                         ("__MAX_READ_EVENTS__", MAX_READ_EVENTS),
+                        ("__HEAD_WINDOW__", HEAD_WINDOW),
                         ("__MAX_CONNS__", max_conns),
                         ("__RINGBUF_PAGES__", ringbuf_pages),
                         ("__PID_FILTER__", pid_filter),
@@ -1095,8 +1107,9 @@ class Exchange:
     """One request on one connection, from its first write to its end."""
 
     __slots__ = ("seq", "tid", "comm", "start_ns", "req_end", "req_buf",
-                 "req", "req_rest", "rphase", "resp_buf", "resp_seen", "resp",
-                 "resp_offset", "resp_first", "head_reads", "framing",
+                 "req", "req_rest", "rphase", "resp_buf", "resp",
+                 "resp_offset", "resp_first", "head_reads", "read_events",
+                 "framing",
                  "expect", "body", "decided", "last")
 
     def __init__(self, event):
@@ -1110,11 +1123,11 @@ class Exchange:
         self.req_rest = b""      # bytes after the request: pipelined ones
         self.rphase = None
         self.resp_buf = b""
-        self.resp_seen = 0       # bytes read in this read phase, per events
         self.resp = None
         self.resp_offset = 0     # start of the final response's head
         self.resp_first = None   # its first read, when not the phase's first
         self.head_reads = []     # (end offset, time) of reads before the head
+        self.read_events = 0     # read events of this read phase received
         self.framing = None
         self.expect = None
         self.body = b""
@@ -1399,10 +1412,10 @@ class Assembler:
         if event.rphase != ex.rphase:
             # A new read phase: a final response after 100 Continue.
             ex.rphase = event.rphase
-            ex.resp_buf, ex.resp_seen, ex.resp = b"", 0, None
+            ex.resp_buf, ex.resp = b"", None
             ex.body, ex.decided, ex.resp_offset = b"", False, 0
-            ex.head_reads, ex.resp_first = [], None
-        ex.resp_seen += event.len
+            ex.head_reads, ex.resp_first, ex.read_events = [], None, 0
+        ex.read_events += 1
         if ex.resp is None:
             ex.head_reads.append((event.resp_bytes, event.ts))
             self._read_head(ex, event)
@@ -1463,7 +1476,7 @@ class Assembler:
         if now is None:
             return
         resp_bytes, resp_end, chunk_end, rphase, reads = now
-        if rphase != event.rphase or reads <= MAX_READ_EVENTS:
+        if rphase != event.rphase or reads <= ex.read_events:
             return   # every read so far was sent: its event will finish it
         done = (mode == MODE_LENGTH and resp_bytes >= ex.expect) or \
                (mode == MODE_CHUNKED and chunk_end)

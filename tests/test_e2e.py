@@ -212,6 +212,29 @@ def test_chunked_response(tracer, s3_server):
     assert r["resp_bytes"] >= 100000     # body bytes incl. chunk framing
 
 
+SMALL_READS_CLIENT = r"""
+import socket, ssl, sys
+port, path, size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ctx = ssl._create_unverified_context()
+sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+for _ in range(2):      # keep-alive: the end must be seen before the next
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+    seen = b""
+    while not seen.endswith(b"\r\n0\r\n\r\n"):
+        seen = (seen + sock.recv(size))[-16:]   # tiny reads split the end
+"""
+
+
+@pytest.mark.parametrize("size", [1, 3, 6])
+def test_chunked_end_split_over_tiny_reads(tracer, s3_server, size):
+    url = seed(s3_server, "chk", "chunked/t", "t" * 3000)
+    pid, _ = python_client(SMALL_READS_CLIENT, s3_server.port, "/chk/chunked/t",
+                           size)
+    records = tracer.wait_records(2, pid=pid)
+    assert [(r["status"], r["complete"]) for r in records] == [(200, True)] * 2
+    assert all(r["resp_bytes"] >= 3000 for r in records)
+
+
 PIPELINING_CLIENT = r"""
 import http.client, json, socket, ssl, sys, time
 port, plan = int(sys.argv[1]), json.loads(sys.argv[2])
