@@ -1108,8 +1108,7 @@ class Exchange:
 
     __slots__ = ("seq", "tid", "comm", "start_ns", "req_end", "req_buf",
                  "req", "req_rest", "rphase", "resp_buf", "resp",
-                 "resp_offset", "resp_first", "head_reads", "read_events",
-                 "framing",
+                 "resp_offset", "resp_first", "head_reads", "framing",
                  "expect", "body", "decided", "last")
 
     def __init__(self, event):
@@ -1127,7 +1126,6 @@ class Exchange:
         self.resp_offset = 0     # start of the final response's head
         self.resp_first = None   # its first read, when not the phase's first
         self.head_reads = []     # (end offset, time) of reads before the head
-        self.read_events = 0     # read events of this read phase received
         self.framing = None
         self.expect = None
         self.body = b""
@@ -1414,8 +1412,7 @@ class Assembler:
             ex.rphase = event.rphase
             ex.resp_buf, ex.resp = b"", None
             ex.body, ex.decided, ex.resp_offset = b"", False, 0
-            ex.head_reads, ex.resp_first, ex.read_events = [], None, 0
-        ex.read_events += 1
+            ex.head_reads, ex.resp_first = [], None
         if ex.resp is None:
             ex.head_reads.append((event.resp_bytes, event.ts))
             self._read_head(ex, event)
@@ -1476,7 +1473,8 @@ class Assembler:
         if now is None:
             return
         resp_bytes, resp_end, chunk_end, rphase, reads = now
-        if rphase != event.rphase or reads <= ex.read_events:
+        if rphase != event.rphase or reads <= MAX_READ_EVENTS or \
+                resp_bytes <= HEAD_WINDOW:
             return   # every read so far was sent: its event will finish it
         done = (mode == MODE_LENGTH and resp_bytes >= ex.expect) or \
                (mode == MODE_CHUNKED and chunk_end)
