@@ -1728,7 +1728,9 @@ def _fmt_int(value):
     return "-" if value is None else str(value)
 
 
-TEXT_HEADER = "%-12s %-7s %9s %9s %-15s %-24s %-7s %-22s %6s %10s %10s %s" % (
+# OP fits the longest operation name (CompleteMultipartUpload).
+TEXT_FORMAT = "%-12s %-7s %9s %9s %-15s %-24s %-7s %-23s %6s %10s %10s %s"
+TEXT_HEADER = TEXT_FORMAT % (
     "TIME", "PID", "LAT(ms)", "TTFB(ms)", "COMM", "HOST", "METHOD", "OP",
     "STATUS", "REQ_B", "RESP_B", "PATH")
 
@@ -1736,7 +1738,7 @@ TEXT_HEADER = "%-12s %-7s %9s %9s %-15s %-24s %-7s %-22s %6s %10s %10s %s" % (
 def format_text(request, clock):
     when = datetime.datetime.fromtimestamp(clock.wall(request.start_ns))
     status = _fmt_int(request.status) + ("" if request.complete else "!")
-    return "%-12s %-7d %9s %9s %-15s %-24s %-7s %-22s %6s %10s %10s %s" % (
+    return TEXT_FORMAT % (
         when.strftime("%H:%M:%S.%f")[:12], request.pid,
         _fmt_ms(request.latency_ms), _fmt_ms(request.ttfb_ms),
         escape_text(request.comm), escape_text(request.host or "-"),
