@@ -89,7 +89,7 @@ fi
 # --- test dependencies -----------------------------------------------------
 if [ "$want_tests" -eq 1 ]; then
     apt_install python3-pytest python3-boto3 python3-hypothesis curl wget awscli s3cmd \
-        openssl ca-certificates procps
+        openssl ca-certificates procps prometheus
 fi
 
 python=$(command -v /usr/bin/python3 || true)

@@ -49,6 +49,8 @@ examples = """examples:
     ./s3slower.py --libssl /opt/app/lib/libssl.so.3   # add a bundled copy
     ./s3slower.py --openssl              # only OpenSSL-family libraries
     ./s3slower.py --prometheus-port 9464 # also serve metrics on 127.0.0.1:9464
+    ./s3slower.py -q --interval 10       # only tables, every 10 s (to stdout)
+    ./s3slower.py --stats-by bucket      # latency tables per bucket
 """
 
 # ---------------------------------------------------------------------------
@@ -67,6 +69,24 @@ def positive_float(text):
         raise argparse.ArgumentTypeError("%r is not a number" % text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError("%r must be a number >= 0" % text)
+    return value
+
+
+def interval_seconds(text):
+    value = positive_float(text)
+    if value < 0.1:
+        raise argparse.ArgumentTypeError("%r: the interval must be at least "
+                                         "0.1 s" % text)
+    return value
+
+
+def label_limit(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an integer" % text)
+    if not 1 <= value <= 100000:
+        raise argparse.ArgumentTypeError("%r must be within 1..100000" % text)
     return value
 
 
@@ -151,9 +171,20 @@ def build_parser():
                      help="serve Prometheus metrics on this port")
     out.add_argument("--prometheus-addr", default="127.0.0.1", metavar="ADDR",
                      help="address for --prometheus-port (default 127.0.0.1)")
-    out.add_argument("--max-label-values", type=int, default=100, metavar="N",
-                     help="distinct values per metric label before folding "
-                          "into 'other' (default 100)")
+    out.add_argument("--max-label-values", type=label_limit, default=100,
+                     metavar="N",
+                     help="distinct hosts, and host+bucket pairs, in metric "
+                          "labels and bucket tables before folding into "
+                          "'other' (default 100)")
+    out.add_argument("-q", "--no-requests", action="store_true",
+                     help="no per-request lines: only the tables (on stdout)")
+    out.add_argument("--interval", type=interval_seconds, metavar="SECONDS",
+                     help="also print the tables of the last SECONDS every "
+                          "SECONDS (on stderr unless -q)")
+    out.add_argument("--stats-by", choices=("method", "op", "bucket"),
+                     help="one table kind: per host and method, per "
+                          "endpoint and S3 operation, or per endpoint and "
+                          "bucket (default: method and op)")
     out.add_argument("--no-stats", action="store_true",
                      help="do not print the statistics tables at exit")
     parser.add_argument("--version", action="version",
@@ -1665,29 +1696,70 @@ class StatsTable:
         return "\n".join(out)
 
 
-class Statistics:
-    """Per host × method and per S3 operation tables."""
+class LabelCap:
+    """Bounded label values: at most N hosts, and N host+bucket pairs; the
+    rest become 'other', so a scan over millions of buckets stays small."""
 
-    def __init__(self):
-        self.by_host = StatsTable()
-        self.by_op = StatsTable()
+    def __init__(self, limit):
+        self.limit = limit
+        self.hosts = set()
+        self.pairs = set()
+
+    @staticmethod
+    def _admit(seen, value, limit):
+        if value in seen:
+            return True
+        if len(seen) < limit:
+            seen.add(value)
+            return True
+        return False
+
+    def host(self, host):
+        host = escape_text(host) if host else "none"
+        return host if self._admit(self.hosts, host, self.limit) else "other"
+
+    def pair(self, host, bucket):
+        """(host, bucket) label values."""
+        host = self.host(host)
+        bucket = escape_text(bucket) if bucket else "none"
+        if self._admit(self.pairs, (host, bucket), self.limit):
+            return host, bucket
+        return host, "other"
+
+
+class Statistics:
+    """The tables: per host × method, per endpoint × S3 operation and, when
+    asked, per endpoint × bucket (buckets capped like metric labels)."""
+
+    TABLES = {"method": ("Statistics for", "Method"),
+              "op": ("S3 operations for", "Operation"),
+              "bucket": ("Buckets for", "Bucket")}
+
+    def __init__(self, by=None, max_buckets=100):
+        self.kinds = (by,) if by else ("method", "op")
+        self.tables = {kind: StatsTable() for kind in self.kinds}
+        self.cap = LabelCap(max_buckets)
 
     def add(self, request):
         if request.latency_ms is None:
             return
         is_error = request.status is None or request.status >= 400 or \
             not request.complete
-        self.by_host.add(request.host or "-", request.method or "-",
-                         request.latency_ms, is_error)
-        if request.op:
-            self.by_op.add(request.endpoint or "-", request.op,
-                           request.latency_ms, is_error)
+        endpoint = request.endpoint or request.host or "-"
+        for kind, table in self.tables.items():
+            if kind == "method":
+                table.add(request.host or "-", request.method or "-",
+                          request.latency_ms, is_error)
+            elif kind == "op" and request.op:
+                table.add(endpoint, request.op, request.latency_ms, is_error)
+            elif kind == "bucket" and request.bucket:
+                host, bucket = self.cap.pair(endpoint, request.bucket)
+                table.add(host, bucket, request.latency_ms, is_error)
 
     def render(self):
-        text = self.by_host.render("Statistics for", "Method")
-        if self.by_op.rows:
-            text += "\n" + self.by_op.render("S3 operations for", "Operation")
-        return text
+        parts = [self.tables[kind].render(*self.TABLES[kind])
+                 for kind in self.kinds if self.tables[kind].rows]
+        return "\n".join(parts) if parts else "(no requests)\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1777,24 +1849,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class LabelCap:
-    """At most N distinct values per label; the rest become 'other'."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.values = defaultdict(set)
-
-    def __call__(self, label, value):
-        value = escape_text(value) if value else "none"
-        seen = self.values[label]
-        if value in seen:
-            return value
-        if len(seen) < self.limit:
-            seen.add(value)
-            return value
-        return "other"
-
-
 class PrometheusOutput:
     """Metrics for one registry, served by prometheus_client."""
 
@@ -1834,9 +1888,10 @@ class PrometheusOutput:
             ("lib",), registry=registry)
 
     def add(self, request):
-        values = (self.cap("host", request.endpoint or request.host),
-                  request.method or "none", request.op or "none",
-                  self.cap("bucket", request.bucket))
+        host, bucket = self.cap.pair(request.endpoint or request.host,
+                                     request.bucket)
+        values = (host, request.method or "none", request.op or "none",
+                  bucket)
         status = str(request.status) if request.status else "none"
         self.requests.labels(*values, status).inc()
         if request.latency_ms is not None:
@@ -1994,7 +2049,14 @@ class Tracer:
         self.args = args
         self.out = out
         self.clock = Clock()
-        self.stats = Statistics()
+        self.stats = Statistics(args.stats_by, args.max_label_values)
+        self.interval_stats = None
+        if args.interval:
+            self.interval_stats = Statistics(args.stats_by,
+                                             args.max_label_values)
+        # Tables are data unless per-request JSON owns stdout.
+        self.tables_out = out if args.no_requests or not args.json \
+            else sys.stderr
         self.prometheus = None
         self.stop = False
         self.lost_reported = 0
@@ -2073,8 +2135,12 @@ class Tracer:
             return
         self.reported += 1
         self.stats.add(request)
+        if self.interval_stats:
+            self.interval_stats.add(request)
         if self.prometheus:
             self.prometheus.add(request)
+        if self.args.no_requests:
+            return
         if self.json:
             line = format_json(request, self.clock)
         else:
@@ -2085,14 +2151,21 @@ class Tracer:
         return int(self.stats_map[ctypes.c_int(0)].value)
 
     def run(self):
-        if not self.json:
+        if not self.json and not self.args.no_requests:
             self.out.write(TEXT_HEADER + "\n")
             self.out.flush()
+        interval = self.args.interval
+        next_tables = time.monotonic() + interval if interval else None
         while not self.stop:
             self.bpf.ring_buffer_poll(100)
             self.bpf.ring_buffer_consume()
             if self.error:
                 raise self.error
+            if next_tables and time.monotonic() >= next_tables:
+                next_tables += interval
+                self.print_tables(self.interval_stats, "last %gs" % interval)
+                self.interval_stats = Statistics(self.args.stats_by,
+                                                 self.args.max_label_values)
             lost = self.lost_events()
             if lost != self.lost_reported:
                 log("%d events lost (ring buffer full)" % (
@@ -2100,6 +2173,14 @@ class Tracer:
                 if self.prometheus:
                     self.prometheus.lost.inc(lost - self.lost_reported)
                 self.lost_reported = lost
+
+    def print_tables(self, stats, period):
+        header = ""
+        if period:
+            header = "--- %s, %s ---\n" % (
+                datetime.datetime.now().strftime("%H:%M:%S"), period)
+        self.tables_out.write("\n" + header + stats.render() + "\n")
+        self.tables_out.flush()
 
     def finish(self, print_stats=True):
         if print_stats:
@@ -2110,11 +2191,8 @@ class Tracer:
         except BrokenPipeError:
             print_stats = False
         if print_stats and not self.args.no_stats:
-            tables = self.stats.render()
-            # Tables are data in text mode; with --json, stdout stays JSON.
-            stream = sys.stderr if self.json else self.out
-            stream.write("\n" + tables + "\n")
-            stream.flush()
+            self.print_tables(self.stats, "since start" if self.args.interval
+                              else None)
         log("%d requests reported from %d kernel events; %d lost events, "
             "%d incomplete requests" % (self.reported, self.events,
                                         self.lost_reported,

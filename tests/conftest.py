@@ -43,6 +43,24 @@ def require_bpf():
         pytest.skip(reason)
 
 
+def require_tool(name):
+    """Path of an installed program the test needs (./install.sh --tests)."""
+    import shutil
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("S3SLOWER_REQUIRE_BPF") == "1":
+            pytest.fail("%s is not installed: run ./install.sh --tests" % name)
+        pytest.skip("needs %s (./install.sh --tests)" % name)
+    return path
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_until(predicate, timeout, interval=0.05):
     """predicate() until it is truthy or timeout seconds pass."""
     deadline = time.monotonic() + timeout
