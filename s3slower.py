@@ -150,6 +150,11 @@ def build_parser():
                       metavar="PATH", help="also attach to this libgnutls")
     libs.add_argument("--libnss", action="append", default=[], metavar="PATH",
                       help="also attach to this libnspr4")
+    libs.add_argument("--rescan-interval", type=positive_float, default=10.0,
+                      metavar="SECONDS",
+                      help="look for new TLS library files (new containers, "
+                           "newly started static binaries) every SECONDS; "
+                           "0: never (default 10)")
     filters = parser.add_argument_group("filters")
     filters.add_argument("--host-substr", metavar="TEXT",
                          help="only requests whose Host contains TEXT")
@@ -226,7 +231,7 @@ FAMILIES = OrderedDict([
                          ("PR_Close", "close")])),
 ])
 
-LibraryFile = namedtuple("LibraryFile", "family path")
+LibraryFile = namedtuple("LibraryFile", "family path static")
 
 
 def loader_cache_paths():
@@ -243,64 +248,160 @@ def loader_cache_paths():
         return
 
 
-def mapped_library_paths(pids):
-    """Executable file mappings of the given processes, as host paths."""
+def process_files(pids):
+    """Files processes execute: their executables and executable mappings,
+    as paths the tracer can open (a container's copy through its root)."""
     for pid in pids:
+        paths = set()
         try:
+            paths.add(os.readlink("/proc/%d/exe" % pid))
             with open("/proc/%d/maps" % pid) as maps:
                 lines = maps.read().splitlines()
         except OSError:
             continue
         for line in lines:
             parts = line.split(None, 5)
-            if len(parts) == 6 and parts[5].startswith("/") and \
-                    ".so" in parts[5]:
-                path = parts[5]
-                if path.endswith(" (deleted)"):
-                    continue
-                # Seen through the process's root: a container's copy differs
-                # from the host file of the same name.
-                in_root = "/proc/%d/root%s" % (pid, path)
-                try:
-                    same = os.path.samefile(in_root, path)
-                except OSError:
-                    same = not os.path.exists(in_root)
-                yield path if same else in_root
+            if len(parts) == 6 and "x" in parts[1] and \
+                    parts[5].startswith("/"):
+                paths.add(parts[5])
+        for path in paths:
+            if path.endswith(" (deleted)"):
+                continue
+            # Seen through the process's root: a container's copy differs
+            # from the host file of the same name.
+            in_root = "/proc/%d/root%s" % (pid, path)
+            try:
+                same = os.path.samefile(in_root, path)
+            except OSError:
+                same = not os.path.exists(in_root)
+            yield path if same else in_root
 
 
 def all_pids():
     return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
-def discover_libraries(families, extra, pid=None):
-    """Distinct library files to attach to, one per (family, inode).
+ELF_HEADER = struct.Struct("<4sB11x HHIQQQIHHHHHH")
+ELF_SECTION = struct.Struct("<IIQQQQIIQQ")
+ELF_SYMBOL = struct.Struct("<IBBHQQ")
+SHT_SYMTAB, SHT_DYNSYM, SHN_UNDEF, STT_FUNC = 2, 11, 0, 2
+MAX_SCAN_BYTES = 256 << 20     # symbol tables larger than this are not read
 
-    families: names from FAMILIES to auto-discover; extra: list of
-    (family, path) the user forced. With pid, only what that process maps.
+
+def elf_functions(path, names):
+    """The subset of names that path (an ELF64 file) defines as functions,
+    in .dynsym or .symtab: how a statically linked TLS library is found."""
+    found = set()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(ELF_HEADER.size)
+            if len(head) < ELF_HEADER.size:
+                return found
+            (magic, klass, _type, _machine, _version, _entry, _phoff, shoff,
+             _flags, _ehsize, _phsize, _phnum, shentsize, shnum,
+             _shstrndx) = ELF_HEADER.unpack(head)
+            if magic != b"\x7fELF" or klass != 2 or \
+                    shentsize != ELF_SECTION.size or not 0 < shnum < 65536:
+                return found
+            f.seek(shoff)
+            table = f.read(shnum * shentsize)
+            sections = [ELF_SECTION.unpack_from(table, i * shentsize)
+                        for i in range(len(table) // shentsize)]
+            wanted = {n.encode() for n in names}
+            for sh_type, offset, size, link in (
+                    (sec[1], sec[4], sec[5], sec[6]) for sec in sections):
+                if sh_type not in (SHT_SYMTAB, SHT_DYNSYM) or \
+                        link >= len(sections) or size > MAX_SCAN_BYTES:
+                    continue
+                str_offset, str_size = sections[link][4], sections[link][5]
+                if str_size > MAX_SCAN_BYTES:
+                    continue
+                f.seek(str_offset)
+                strings = f.read(str_size)
+                # Cheap test first: most files name none of the symbols.
+                if not any(b"\0" + n + b"\0" in strings for n in wanted):
+                    continue
+                f.seek(offset)
+                symbols = f.read(size)
+                for i in range(len(symbols) // ELF_SYMBOL.size):
+                    name_at, info, _other, shndx, _value, _size = \
+                        ELF_SYMBOL.unpack_from(symbols, i * ELF_SYMBOL.size)
+                    if shndx == SHN_UNDEF or info & 0xf != STT_FUNC:
+                        continue
+                    end = strings.find(b"\0", name_at)
+                    name = strings[name_at:end]
+                    if name in wanted:
+                        found.add(name.decode())
+    except (OSError, struct.error, ValueError):
+        pass
+    return found
+
+
+# OpenSSL/BoringSSL built into an executable or another library.
+STATIC_OPENSSL = ("SSL_write", "SSL_read")
+_scanned = {}      # (dev, ino, size, mtime) -> bool: rescans stay cheap
+
+
+def has_static_openssl(path, st):
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if ident not in _scanned:
+        if len(_scanned) > 100000:
+            _scanned.clear()
+        _scanned[ident] = \
+            elf_functions(path, STATIC_OPENSSL) == set(STATIC_OPENSSL)
+    return _scanned[ident]
+
+
+def discover_libraries(families, extra, pid=None, known=None):
+    """Distinct files to attach to, one per (family, device, inode).
+
+    families: names from FAMILIES to auto-discover; extra: (family, path)
+    pairs the user forced; pid: only what that process maps. Files whose
+    identity is in known (a set, updated) are left out: what a rescan
+    finds is only what is new. Returns (files, number of files scanned).
     """
-    found, seen = [], set()
+    found = []
+    known = set() if known is None else known
 
-    def add(family, path):
+    def add(family, path, st, static=False):
+        ident = (family, st.st_dev, st.st_ino)
+        if ident not in known:
+            known.add(ident)
+            found.append(LibraryFile(family, path, static))
+
+    def stat(path):
         try:
             st = os.stat(path)
         except OSError:
-            return
-        ident = (family, st.st_dev, st.st_ino)
-        if ident not in seen:
-            seen.add(ident)
-            found.append(LibraryFile(family, path))
+            return None
+        return st if os.path.isfile(path) else None
 
     for family, path in extra:
-        add(family, path)
-    # The loader's cache too with --pid: the process may load TLS later.
-    candidates = list(mapped_library_paths([pid] if pid else all_pids()))
-    candidates += list(loader_cache_paths())
-    for path in candidates:
+        st = stat(path)
+        if st:
+            add(family, path, st, static=not FAMILIES[family]["pattern"]
+                .search(os.path.basename(path)))
+    scanned = set()
+    # Files processes run, then the loader's cache (with --pid too: the
+    # process may load a TLS library later).
+    for path, from_process in [(p, True) for p in process_files(
+            [pid] if pid else all_pids())] + \
+            [(p, False) for p in loader_cache_paths()]:
         name = os.path.basename(path)
-        for family in families:
-            if FAMILIES[family]["pattern"].search(name):
-                add(family, path)
-    return found
+        matched = [f for f in families
+                   if FAMILIES[f]["pattern"].search(name)]
+        if not matched and not (from_process and "openssl" in families):
+            continue
+        st = stat(path)
+        if st is None:
+            continue
+        for family in matched:
+            add(family, path, st)
+        if not matched and (st.st_dev, st.st_ino) not in scanned:
+            scanned.add((st.st_dev, st.st_ino))
+            if has_static_openssl(path, st):
+                add("openssl", path, st, static=True)
+    return found, len(scanned)
 
 
 # ---------------------------------------------------------------------------
@@ -491,12 +592,24 @@ static __always_inline void send_event(u8 type, struct conn_key *k,
         count_stat(STAT_LOST);
 }
 
+/* NSPR does all I/O through PR_Write/PR_Read, files and pipes included.
+ * A TLS connection is a layered PRFileDesc (the SSL layer over TCP): a
+ * descriptor with nothing below it (PRFileDesc.lower, offset 16) is not. */
+static __always_inline int nspr_layered(u64 fd)
+{
+    u64 lower = 0;
+    bpf_probe_read_user(&lower, sizeof(lower), (void *)(fd + 16));
+    return lower != 0;
+}
+
 static __always_inline int enter_io(struct pt_regs *ctx, u32 lib, u64 handle,
                                     u64 buf, u64 sizep, int is_read)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     if (!handle || !pass_filters(tgid))
+        return 0;
+    if (lib == 3 && !nspr_layered(handle))
         return 0;
     if (is_read) {
         /* Reads only matter on connections that already sent HTTP. */
@@ -2016,14 +2129,14 @@ PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
                       "close_enter")
 
 
-def attach_probes(bpf, libraries):
+def attach_probes(bpf, libraries, prefix="  "):
     """Attach every probe of each library; returns {family: count}."""
     attached = defaultdict(int)
-    handlers = PROBE_HANDLERS
+    skipped = []
     for lib in libraries:
         names = []
         for symbol, kind in FAMILIES[lib.family]["probes"]:
-            enter, leave = handlers[kind]
+            enter, leave = PROBE_HANDLERS[kind]
             try:
                 bpf.attach_uprobe(name=lib.path, sym=symbol,
                                   fn_name="%s_%s" % (lib.family, enter))
@@ -2035,18 +2148,26 @@ def attach_probes(bpf, libraries):
             names.append(symbol)
         if names:
             attached[lib.family] += len(names)
-            progress("  %s %s (%s)" % (lib.family, lib.path, ", ".join(names)))
+            progress("%s%s%s %s (%s)" % (
+                prefix, lib.family, " built into" if lib.static else "",
+                lib.path, ", ".join(names)))
         else:
-            progress("  skipped %s %s: no TLS entry points found" % (
-                lib.family, lib.path))
+            skipped.append(lib.path)
+    if skipped:
+        # One line however many: a busy host must not scroll.
+        progress("%sskipped %d file(s) without TLS entry points: %s" % (
+            prefix, len(skipped), ", ".join(skipped[:5]) +
+            (", ..." if len(skipped) > 5 else "")))
     return attached
 
 
 class Tracer:
     """Owns the BPF object, the event loop and the outputs."""
 
-    def __init__(self, args, bcc, out):
+    def __init__(self, args, bcc, out, known=None):
         self.args = args
+        self.known = known if known is not None else set()
+        self.attached = defaultdict(int)
         self.out = out
         self.clock = Clock()
         self.stats = Statistics(args.stats_by, args.max_label_values)
@@ -2088,6 +2209,8 @@ class Tracer:
         attached = attach_probes(self.bpf, libraries)
         if not attached:
             raise Fatal("no TLS library entry point could be attached")
+        for family, count in attached.items():
+            self.attached[family] += count
         self.conns = self.bpf["conns"]
         self.ctls = self.bpf["ctls"]
         self.stats_map = self.bpf["stats"]
@@ -2156,7 +2279,12 @@ class Tracer:
             self.out.flush()
         interval = self.args.interval
         next_tables = time.monotonic() + interval if interval else None
+        rescan = self.args.rescan_interval
+        next_rescan = time.monotonic() + rescan if rescan else None
         while not self.stop:
+            if next_rescan and time.monotonic() >= next_rescan:
+                self.rescan()
+                next_rescan = time.monotonic() + rescan
             self.bpf.ring_buffer_poll(100)
             self.bpf.ring_buffer_consume()
             if self.error:
@@ -2173,6 +2301,19 @@ class Tracer:
                 if self.prometheus:
                     self.prometheus.lost.inc(lost - self.lost_reported)
                 self.lost_reported = lost
+
+    def rescan(self):
+        """Attach to TLS library files that appeared since the last look."""
+        new, _ = discover_libraries(selected_families(self.args), [],
+                                    self.args.pid, self.known)
+        if not new:
+            return
+        attached = attach_probes(self.bpf, new, prefix="s3slower: new: ")
+        for family, count in attached.items():
+            self.attached[family] += count
+            if self.prometheus:
+                self.prometheus.probes.labels(family).set(
+                    self.attached[family])
 
     def print_tables(self, stats, period):
         header = ""
@@ -2224,13 +2365,17 @@ def main(argv=None):
         ensure_tracefs()
         check_kernel_headers()
         progress("Attaching to TLS libraries...")
-        libraries = discover_libraries(selected_families(args),
-                                       forced_libraries(args), args.pid)
+        known = set()
+        started = time.monotonic()
+        libraries, scanned = discover_libraries(
+            selected_families(args), forced_libraries(args), args.pid, known)
+        progress("  looked for built-in OpenSSL in %d other files in use "
+                 "(%.2f s)" % (scanned, time.monotonic() - started))
         if not libraries:
             raise Fatal("no TLS library found (looked for %s); give one with "
                         "--libssl/--libgnutls/--libnss" %
                         ", ".join(selected_families(args)))
-        tracer = Tracer(args, bcc, out)
+        tracer = Tracer(args, bcc, out, known)
         if args.prometheus_port:
             tracer.prometheus = PrometheusOutput(args.max_label_values)
             try:
