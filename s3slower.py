@@ -222,8 +222,12 @@ FAMILIES = OrderedDict([
                              ("SSL_read", "read"), ("SSL_read_ex", "read_ex"),
                              ("SSL_shutdown", "close"), ("SSL_free", "close")])),
     ("gnutls", dict(lib=LIB_GNUTLS, pattern=re.compile(r"libgnutls\.so(\.|$)"),
+                    # send tail-calls send2: the stack-pointer check in
+                    # the kernel keeps one report per call.
                     probes=[("gnutls_record_send", "write"),
+                            ("gnutls_record_send2", "write"),
                             ("gnutls_record_recv", "read"),
+                            ("gnutls_record_recv_seq", "read"),
                             ("gnutls_bye", "close"), ("gnutls_deinit", "close")])),
     ("nss", dict(lib=LIB_NSS, pattern=re.compile(r"libnspr4\.so(\.|$)"),
                  probes=[("PR_Write", "write"), ("PR_Send", "write"),
