@@ -957,11 +957,17 @@ def _parse_headers(lines):
     return headers
 
 
-def parse_request_head(data):
-    """RequestHead from bytes starting with a request line, else None."""
+def parse_request_head(data, partial=False):
+    """RequestHead from bytes starting with a request line, else None.
+
+    partial: also from a head cut short (a huge header, a lost write): the
+    complete lines only, with length None."""
     split = _split_head(data)
     if split is None:
-        return None
+        cut = data.rfind(b"\r\n") if partial else -1
+        if cut < 0:
+            return None
+        split = data[:cut].decode("latin-1").split("\r\n"), None
     lines, length = split
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[0] not in HTTP_METHODS or \
@@ -1655,6 +1661,8 @@ class Assembler:
             for item, ended, complete in ex.abandon():
                 self._report(item, ended, complete)
         else:
+            if ex.req is None and ex.req_buf:
+                ex.req = parse_request_head(ex.req_buf, partial=True)
             self._report(ex, event, complete)
 
     def _report(self, ex, event, complete):
@@ -1679,8 +1687,9 @@ def build_request(ex, event, complete):
         if op is not None and not is_s3_request(headers, target) and \
                 target.key is None and method == "GET":
             op = None   # a plain GET / of a web server is not ListBuckets
-    req_head_len = req.length if req else 0
-    req_bytes = max(event.req_bytes - req_head_len, 0) if req else None
+    req_bytes = None
+    if req is not None and req.length is not None:
+        req_bytes = max(event.req_bytes - req.length, 0)
     status = resp.status if resp else None
     resp_bytes = None
     if resp is not None and event.resp_bytes:

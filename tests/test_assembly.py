@@ -298,10 +298,23 @@ def test_unparsed_exchange_hidden_unless_include_unknown():
     for include, expected in ((False, 0), (True, 1)):
         out, asm = collect(include_unknown=include)
         c = Conn()
-        asm.feed(c.write(0, 1, b"GET /x HTTP/1.1\r\nHost"))   # head cut short
+        asm.feed(c.write(0, 1, b"GET /x HT"))     # not even a request line
         asm.feed(c.read(2 * MS, OK + b"hello"))
         asm.flush()
         assert len(out) == expected
+
+
+def test_head_cut_short_reported_from_its_complete_lines():
+    out, asm = collect()
+    c = Conn()
+    # A 64 KiB header: the kernel copies the first 4 KiB of the write.
+    asm.feed(c.write(0, 1, b"GET /bkt/k HTTP/1.1\r\nHost: h\r\nX-Big: " +
+                     b"A" * 70000))
+    asm.feed(c.read(2 * MS, b"HTTP/1.1 431 Too Large\r\nContent-Length: 0"
+                    b"\r\n\r\n"))
+    (r,) = out
+    assert (r.method, r.path, r.host, r.key, r.status, r.req_bytes) == \
+        ("GET", "/bkt/k", "h", "k", 431, None)
 
 
 def test_json_contract_fields_and_nulls():
