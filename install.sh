@@ -90,7 +90,7 @@ fi
 if [ "$want_tests" -eq 1 ]; then
     apt_install python3-pytest python3-boto3 python3-hypothesis curl wget awscli s3cmd \
         openssl ca-certificates procps prometheus \
-        gcc libc6-dev pkg-config libssl-dev libnss3-dev libnspr4-dev
+        gcc libc6-dev pkg-config libssl-dev libnss3-dev libnspr4-dev nginx
 fi
 
 python=$(command -v /usr/bin/python3 || true)

@@ -80,6 +80,17 @@ def interval_seconds(text):
     return value
 
 
+def power_of_two(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an integer" % text)
+    if value < 1 or value > 65536 or value & (value - 1):
+        raise argparse.ArgumentTypeError("%r must be a power of two within "
+                                         "1..65536" % text)
+    return value
+
+
 def label_limit(text):
     try:
         value = int(text)
@@ -192,6 +203,10 @@ def build_parser():
                           "bucket (default: method and op)")
     out.add_argument("--no-stats", action="store_true",
                      help="do not print the statistics tables at exit")
+    out.add_argument("--ringbuf-pages", type=power_of_two, default=1024,
+                     metavar="N",
+                     help="kernel-to-user ring buffer size in pages, a power "
+                          "of two (default 1024: 4 MiB)")
     parser.add_argument("--version", action="version",
                         version="s3slower " + VERSION)
     return parser
@@ -415,6 +430,8 @@ def discover_libraries(families, extra, pid=None, known=None):
 MAX_DATA = 4096           # bytes of one read or write copied to user space
 MAX_WRITE_EVENTS = 4      # writes of a request sent with data
 MAX_READ_EVENTS = 4       # reads of a response sent before user space decides
+WAKE_EVERY = 32           # events per CPU between reader wake-ups
+POLL_MS = 50              # ... and the reader's timer: the output delay
 HEAD_WINDOW = 8192        # ... and any read starting in its first bytes, so
                           # a head read in tiny pieces still arrives whole
 
@@ -430,6 +447,7 @@ BPF_TEXT = r"""
 #define MAX_WRITE_EVENTS __MAX_WRITE_EVENTS__
 #define MAX_READ_EVENTS __MAX_READ_EVENTS__
 #define HEAD_WINDOW __HEAD_WINDOW__
+#define WAKE_EVERY __WAKE_EVERY__
 
 enum { EV_WRITE = 1, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT };
 enum { PHASE_NEW = 0, PHASE_REQ, PHASE_RESP, PHASE_IGNORED };
@@ -516,6 +534,7 @@ BPF_TABLE("lru_hash", struct conn_key, struct conn_state, conns, __MAX_CONNS__);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_ctl, ctls, __MAX_CONNS__);
 BPF_TABLE("lru_hash", u32, u8, procs, 16384);
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
+BPF_PERCPU_ARRAY(wakeups, u32, 1);
 BPF_ARRAY(stats, u64, 4);
 BPF_RINGBUF_OUTPUT(events, __RINGBUF_PAGES__);
 
@@ -592,7 +611,15 @@ static __always_inline void send_event(u8 type, struct conn_key *k,
     e->cap = cap;
     u64 size = offsetof(struct event, data) + cap;
     bound_value(size, sizeof(*e));
-    if (events.ringbuf_output(e, size, 0) != 0)
+    /* Wake the reader once per WAKE_EVERY events on this CPU; it also polls
+     * on a timer. A wake-up per event costs more than handling the event. */
+    u64 wake = BPF_RB_NO_WAKEUP;
+    u32 *pending = wakeups.lookup(&zero);
+    if (pending && ++*pending >= WAKE_EVERY) {
+        *pending = 0;
+        wake = BPF_RB_FORCE_WAKEUP;
+    }
+    if (events.ringbuf_output(e, size, wake) != 0)
         count_stat(STAT_LOST);
 }
 
@@ -900,6 +927,7 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024):
                         ("__MAX_WRITE_EVENTS__", MAX_WRITE_EVENTS),
                         ("__MAX_READ_EVENTS__", MAX_READ_EVENTS),
                         ("__HEAD_WINDOW__", HEAD_WINDOW),
+                        ("__WAKE_EVERY__", WAKE_EVERY),
                         ("__MAX_CONNS__", max_conns),
                         ("__RINGBUF_PAGES__", ringbuf_pages),
                         ("__PID_FILTER__", pid_filter),
@@ -1701,7 +1729,8 @@ def build_request(ex, event, complete):
         ttfb = (first - start) / NS_PER_MS
         if first >= event.req_end:
             turnaround = (first - event.req_end) / NS_PER_MS
-        if resp is not None and event.resp_end:
+        # An unfinished response has no end time: its last byte is unknown.
+        if resp is not None and event.resp_end and complete:
             latency = (event.resp_end - start) / NS_PER_MS
     error_code = None
     request_id = None
@@ -2203,8 +2232,9 @@ class Tracer:
 
     def load(self, libraries):
         try:
-            self.bpf = self.bcc.BPF(text=bpf_program(self.args.pid,
-                                                     self.args.comm))
+            self.bpf = self.bcc.BPF(text=bpf_program(
+                self.args.pid, self.args.comm,
+                ringbuf_pages=self.args.ringbuf_pages))
         except Exception as exc:
             raise Fatal("the BPF program did not compile or load (%s); "
                         "are the kernel headers right? run ./install.sh" %
@@ -2298,7 +2328,7 @@ class Tracer:
             if next_rescan and time.monotonic() >= next_rescan:
                 self.rescan()
                 next_rescan = time.monotonic() + rescan
-            self.bpf.ring_buffer_poll(100)
+            self.bpf.ring_buffer_poll(POLL_MS)
             self.bpf.ring_buffer_consume()
             if self.error:
                 raise self.error

@@ -1,0 +1,152 @@
+"""Load and loss: the tool keeps up with several keep-alive clients at the
+highest rate this machine drives, or counts every lost event and says so."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import (PYTHON, TESTS, Tracer, free_port, require_bpf,
+                      require_tool)
+
+sys.path.insert(0, TESTS)
+from nginxserver import NginxServer  # noqa: E402
+
+SECONDS = float(os.environ.get("S3SLOWER_LOAD_SECONDS", "60"))
+PY_LOOP = r"""
+import http.client, ssl, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+conn = http.client.HTTPSConnection("127.0.0.1", port,
+                                   context=ssl._create_unverified_context())
+deadline, n = time.monotonic() + seconds, 0
+while time.monotonic() < deadline:
+    conn.request("GET", "/small")
+    conn.getresponse().read()
+    n += 1
+print(n)
+"""
+CURL_BATCH = 2000
+
+
+@pytest.fixture(scope="module")
+def nginx():
+    require_tool("nginx")
+    server = NginxServer()
+    yield server
+    server.stop()
+
+
+def drive(nginx, seconds, pythons=2, curls=2):
+    """Several clients at once until the deadline: requests sent, by comm."""
+    procs = [subprocess.Popen([PYTHON, "-c", PY_LOOP, str(nginx.port),
+                               str(seconds)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(pythons)]
+    deadline = time.monotonic() + seconds
+    curl_sent = 0
+    url = nginx.url + "/small?[1-%d]" % CURL_BATCH
+
+    def batch():
+        return subprocess.Popen(["curl", "-sk", "-o", "/dev/null", url])
+    running = [batch() for _ in range(curls)]
+    while running:
+        for i, proc in enumerate(running):
+            if proc.poll() is None:
+                continue
+            assert proc.returncode == 0
+            curl_sent += CURL_BATCH
+            running[i] = batch() if time.monotonic() < deadline else None
+        running = [p for p in running if p is not None]
+        time.sleep(0.02)
+    python_sent = sum(int(p.communicate(timeout=seconds + 60)[0])
+                      for p in procs)
+    return {"python3": python_sent, "curl": curl_sent}
+
+
+def summary(stderr):
+    m = re.search(r"s3slower: (\d+) requests reported from (\d+) kernel "
+                  r"events; (\d+) lost events, (\d+) incomplete", stderr)
+    return tuple(int(x) for x in m.groups())
+
+
+def check_times(records):
+    for r in records:
+        if r["complete"]:
+            assert 0 <= r["ttfb_ms"] <= r["latency_ms"] < 10000, r
+        else:
+            assert r["latency_ms"] is None, r
+
+
+def test_one_curl_one_python_no_loss(nginx):
+    """The benchmark's target load: every request reported, none lost."""
+    require_bpf()
+    t = Tracer()
+    try:
+        sent = drive(nginx, min(SECONDS, 20), pythons=1, curls=1)
+        time.sleep(2)
+    finally:
+        assert t.stop() == 0
+    reported, _events, lost, incomplete = summary(t.stderr())
+    records = [r for r in t.records() if r["path"] and
+               r["path"].startswith("/small")]
+    assert (lost, incomplete) == (0, 0)
+    assert {c: sum(1 for r in records if r["comm"] == c) for c in sent} == \
+        sent
+    check_times(records)
+
+
+def test_several_clients_at_full_rate(nginx):
+    """More clients than cores: the tool may fall behind; if it does, it
+    counts the loss, says so, and what it reports is still right."""
+    require_bpf()
+    port = free_port()
+    t = Tracer("--prometheus-port", str(port))
+    try:
+        started = time.monotonic()
+        sent = drive(nginx, SECONDS)
+        elapsed = time.monotonic() - started
+        time.sleep(2)
+        metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
+                                         timeout=10).read().decode()
+    finally:
+        assert t.stop() == 0
+    records = [r for r in t.records() if r["path"] and
+               r["path"].startswith("/small")]
+    reported, _events, lost, incomplete = summary(t.stderr())
+    lost_metric = float(re.search(r"^s3slower_lost_events_total (\S+)$",
+                                  metrics, re.M).group(1))
+    total = sum(sent.values())
+    print("\nload: %d requests in %.1f s (%.0f/s): %s; reported %d, lost "
+          "events %d, incomplete %d" % (total, elapsed, total / elapsed, sent,
+                                        len(records), lost, incomplete))
+    check_times(records)
+    assert lost_metric <= lost
+    if lost == 0:
+        by_comm = {c: sum(1 for r in records if r["comm"] == c)
+                   for c in sent}
+        assert by_comm == sent
+        assert incomplete == 0
+    else:
+        assert "events lost" in t.stderr()
+        assert len(records) < total
+
+
+def test_losses_counted_never_wrong_times(nginx):
+    """A one-page ring buffer under the same load: events are lost; the
+    tool says how many, and what it reports still has right times."""
+    require_bpf()
+    t = Tracer("--ringbuf-pages", "1")
+    try:
+        sent = drive(nginx, min(SECONDS, 10))
+        time.sleep(2)
+    finally:
+        assert t.stop() == 0
+    reported, events, lost, incomplete = summary(t.stderr())
+    records = [r for r in t.records() if r["path"] and
+               r["path"].startswith("/small")]
+    assert lost > 0 and "events lost (ring buffer full)" in t.stderr()
+    assert len(records) <= sum(sent.values())
+    check_times(records)
