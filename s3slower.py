@@ -166,7 +166,13 @@ def build_parser():
                       help="look for new TLS library files (new containers, "
                            "newly started static binaries) every SECONDS; "
                            "0: never (default 10)")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="do not trace plain-HTTP (unencrypted) "
+                             "connections from syscall tracepoints")
     filters = parser.add_argument_group("filters")
+    filters.add_argument("--port", type=port_number,
+                         help="plain HTTP: only connections to this remote "
+                              "port")
     filters.add_argument("--host-substr", metavar="TEXT",
                          help="only requests whose Host contains TEXT")
     filters.add_argument("--method", type=method_name,
@@ -228,8 +234,9 @@ def parse_args(argv=None):
 
 # Each family: the sonames that carry its I/O entry points, and the probes.
 # A probe is (symbol, kind) where kind says which C handlers take it.
-LIB_OPENSSL, LIB_GNUTLS, LIB_NSS = 1, 2, 3
-LIB_NAMES = {LIB_OPENSSL: "openssl", LIB_GNUTLS: "gnutls", LIB_NSS: "nss"}
+LIB_OPENSSL, LIB_GNUTLS, LIB_NSS, LIB_PLAIN = 1, 2, 3, 4
+LIB_NAMES = {LIB_OPENSSL: "openssl", LIB_GNUTLS: "gnutls", LIB_NSS: "nss",
+             LIB_PLAIN: "plain"}
 
 FAMILIES = OrderedDict([
     ("openssl", dict(lib=LIB_OPENSSL, pattern=re.compile(r"libssl\.so(\.|$)"),
@@ -448,6 +455,7 @@ BPF_TEXT = r"""
 #define MAX_READ_EVENTS __MAX_READ_EVENTS__
 #define HEAD_WINDOW __HEAD_WINDOW__
 #define WAKE_EVERY __WAKE_EVERY__
+#define PLAIN_HTTP __PLAIN_HTTP__
 
 enum { EV_WRITE = 1, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT };
 enum { PHASE_NEW = 0, PHASE_REQ, PHASE_RESP, PHASE_IGNORED };
@@ -501,7 +509,7 @@ struct call_args {
     u64 start;
     u64 sp;             /* stack pointer at entry: tells nested calls apart */
     u32 lib;
-    u32 pad;
+    u32 copy_max;       /* bytes readable at buf (first iovec); 0: all */
 };
 
 struct event {
@@ -577,7 +585,7 @@ static __always_inline int is_request_start(const char *p)
 
 static __always_inline void send_event(u8 type, struct conn_key *k,
                                        struct conn_state *s, u64 now,
-                                       u32 len, u64 buf, u8 flags)
+                                       u32 len, u64 copy, u64 buf, u8 flags)
 {
     u32 zero = 0;
     struct event *e = scratch.lookup(&zero);
@@ -603,7 +611,7 @@ static __always_inline void send_event(u8 type, struct conn_key *k,
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     u64 cap = 0;
     if (buf) {
-        cap = len;
+        cap = copy;
         bound_value(cap, MAX_DATA);
         if (bpf_probe_read_user(&e->data, cap, (void *)buf) != 0)
             cap = 0;
@@ -690,19 +698,19 @@ static __always_inline int take_call(struct pt_regs *ctx, struct call_args *out)
     return 1;
 }
 
-static __always_inline int exit_write(struct pt_regs *ctx)
+static __always_inline int handle_write(struct call_args *ap, u64 n)
 {
-    struct call_args a;
-    if (!take_call(ctx, &a))
-        return 0;
-    u64 n = returned_bytes(ctx, &a);
+    struct call_args a = *ap;
     if (n == 0)
         return 0;
+    u64 copy = n;
+    if (a.copy_max && copy > a.copy_max)
+        copy = a.copy_max;
     u64 now = bpf_ktime_get_ns();
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct conn_key k = {.handle = a.handle, .tgid = tgid, .lib = a.lib};
     char head[4] = {};
-    if (n >= 4)
+    if (copy >= 4)
         bpf_probe_read_user(head, sizeof(head), (void *)a.buf);
     int is_req = is_request_start(head);
 
@@ -737,7 +745,7 @@ static __always_inline int exit_write(struct pt_regs *ctx)
     if (s->pipelined) {
         s->req_end = a.start;
         s->req_bytes += n;
-        send_event(EV_WRITE, &k, s, now, n, a.buf, FLAG_PIPELINED);
+        send_event(EV_WRITE, &k, s, now, n, copy, a.buf, FLAG_PIPELINED);
         return 0;
     }
     if (is_req) {
@@ -765,9 +773,17 @@ static __always_inline int exit_write(struct pt_regs *ctx)
     s->req_bytes += n;
     if (s->wr_events < MAX_WRITE_EVENTS || is_req) {
         s->wr_events++;
-        send_event(EV_WRITE, &k, s, now, n, a.buf, 0);
+        send_event(EV_WRITE, &k, s, now, n, copy, a.buf, 0);
     }
     return 0;
+}
+
+static __always_inline int exit_write(struct pt_regs *ctx)
+{
+    struct call_args a;
+    if (!take_call(ctx, &a))
+        return 0;
+    return handle_write(&a, returned_bytes(ctx, &a));
 }
 
 /* Keep the last 7 bytes the connection read, across reads, and tell
@@ -794,14 +810,14 @@ static __always_inline u8 ends_chunked(struct conn_state *s, u64 buf, u64 n)
            s->tail[6] == '\n';
 }
 
-static __always_inline int exit_read(struct pt_regs *ctx)
+static __always_inline int handle_read(struct call_args *ap, u64 n)
 {
-    struct call_args a;
-    if (!take_call(ctx, &a))
-        return 0;
-    u64 n = returned_bytes(ctx, &a);
+    struct call_args a = *ap;
     if (n == 0)
         return 0;
+    u64 copy = n;
+    if (a.copy_max && copy > a.copy_max)
+        copy = a.copy_max;
     u64 now = bpf_ktime_get_ns();
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct conn_key k = {.handle = a.handle, .tgid = tgid, .lib = a.lib};
@@ -816,7 +832,7 @@ static __always_inline int exit_read(struct pt_regs *ctx)
             s->resp_start = now;
         s->resp_bytes += n;
         s->resp_end = now;
-        send_event(EV_READ, &k, s, now, n, a.buf, FLAG_PIPELINED);
+        send_event(EV_READ, &k, s, now, n, copy, a.buf, FLAG_PIPELINED);
         return 0;
     }
     if (s->phase == PHASE_REQ) {
@@ -829,7 +845,7 @@ static __always_inline int exit_read(struct pt_regs *ctx)
     u64 before = s->resp_bytes;
     s->resp_bytes += n;
     s->resp_end = now;
-    s->chunk_end = ends_chunked(s, a.buf, n);
+    s->chunk_end = ends_chunked(s, a.buf, copy);
 
     u8 type = EV_READ;
     int emit = s->rd_events < MAX_READ_EVENTS || before < HEAD_WINDOW;
@@ -845,9 +861,17 @@ static __always_inline int exit_read(struct pt_regs *ctx)
     if (s->rd_events < 0xffff)
         s->rd_events++;
     if (emit)
-        send_event(type, &k, s, now, n, a.buf,
+        send_event(type, &k, s, now, n, copy, a.buf,
                    s->chunk_end ? FLAG_CHUNK_END : 0);
     return 0;
+}
+
+static __always_inline int exit_read(struct pt_regs *ctx)
+{
+    struct call_args a;
+    if (!take_call(ctx, &a))
+        return 0;
+    return handle_read(&a, returned_bytes(ctx, &a));
 }
 
 static __always_inline int close_conn(struct pt_regs *ctx, u32 lib, u64 handle)
@@ -860,7 +884,7 @@ static __always_inline int close_conn(struct pt_regs *ctx, u32 lib, u64 handle)
     /* The close carries the final counters and the chunked-end flag: user
      * space may not have parsed the response head yet. */
     if (s->phase == PHASE_REQ || s->phase == PHASE_RESP)
-        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0,
+        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0, 0,
                    (s->chunk_end ? FLAG_CHUNK_END : 0) |
                    (s->pipelined ? FLAG_PIPELINED : 0));
     conns.delete(&k);
@@ -877,9 +901,193 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     procs.delete(&tgid);
     struct conn_key k = {.tgid = tgid};
     struct conn_state s = {};
-    send_event(EV_EXIT, &k, &s, bpf_ktime_get_ns(), 0, 0, 0);
+    send_event(EV_EXIT, &k, &s, bpf_ktime_get_ns(), 0, 0, 0, 0);
     return 0;
 }
+
+#if PLAIN_HTTP
+/* Plain HTTP from syscall tracepoints (no kprobes needed). A TCP socket is
+ * one this process created with socket(AF_INET/AF_INET6, SOCK_STREAM) while
+ * we watched; the connection key is (tgid, fd) with lib 4. A TLS socket's
+ * first write is a ClientHello, not HTTP: it is ignored like any non-HTTP
+ * connection, so a TLS request is never reported twice. */
+#define LIB_PLAIN 4
+struct fd_key {
+    u32 tgid;
+    u32 fd;
+};
+BPF_TABLE("lru_hash", struct fd_key, u16, tcp_fds, __MAX_CONNS__);
+BPF_TABLE("lru_hash", u32, struct call_args, sys_calls, 16384);
+BPF_TABLE("lru_hash", u32, u8, new_sockets, 4096);
+
+static __always_inline int tcp_fd(u32 fd)
+{
+    struct fd_key fk = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};
+    return tcp_fds.lookup(&fk) != 0;
+}
+
+static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 copy_max,
+                                        int is_read)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    if (!tcp_fd(fd) || !pass_filters(tgid))
+        return 0;
+    if (is_read) {
+        struct conn_key k = {.handle = fd, .tgid = tgid, .lib = LIB_PLAIN};
+        struct conn_state *s = conns.lookup(&k);
+        if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
+            return 0;
+    }
+    bound_value(copy_max, 0xffffffff);
+    struct call_args a = {.handle = fd, .buf = buf, .start = bpf_ktime_get_ns(),
+                          .lib = LIB_PLAIN, .copy_max = copy_max};
+    sys_calls.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int sys_exit_io(long ret, int is_read)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct call_args *ap = sys_calls.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct call_args a = *ap;
+    sys_calls.delete(&tid);
+    u64 n = ret > 0 ? (u64)ret : 0;
+    return is_read ? handle_read(&a, n) : handle_write(&a, n);
+}
+
+/* The first iovec: where the data a tracer can copy starts. */
+static __always_inline int iov_enter(u32 fd, u64 iov, int is_read)
+{
+    if (!tcp_fd(fd))
+        return 0;
+    u64 first[2] = {};
+    bpf_probe_read_user(first, sizeof(first), (void *)iov);
+    return sys_enter_io(fd, first[0], first[1] ? first[1] : 1, is_read);
+}
+
+static __always_inline int msg_enter(u32 fd, u64 msg, int is_read)
+{
+    if (!tcp_fd(fd))
+        return 0;
+    u64 iov = 0;     /* struct user_msghdr: msg_iov at offset 16 */
+    bpf_probe_read_user(&iov, sizeof(iov), (void *)(msg + 16));
+    return iov_enter(fd, iov, is_read);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return sys_exit_io(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return sys_enter_io(args->fd, (u64)args->buff, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return sys_exit_io(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return iov_enter(args->fd, (u64)args->vec, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return sys_exit_io(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return msg_enter(args->fd, (u64)args->msg, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return sys_exit_io(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return sys_enter_io(args->fd, (u64)args->buf, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return sys_exit_io(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return sys_enter_io(args->fd, (u64)args->ubuf, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return sys_exit_io(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return iov_enter(args->fd, (u64)args->vec, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return sys_exit_io(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return msg_enter(args->fd, (u64)args->msg, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return sys_exit_io(args->ret, 1); }
+
+/* A request body sent with sendfile: counted, never copied. */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    if (!tcp_fd(args->out_fd))
+        return 0;
+    struct call_args a = {.handle = args->out_fd, .start = bpf_ktime_get_ns(),
+                          .lib = LIB_PLAIN};
+    sys_calls.update(&tid, &a);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct call_args *ap = sys_calls.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct conn_key k = {.handle = ap->handle, .tgid = id >> 32,
+                         .lib = LIB_PLAIN};
+    u64 start = ap->start;
+    sys_calls.delete(&tid);
+    struct conn_state *s = conns.lookup(&k);
+    if (!s || args->ret <= 0 || s->phase == PHASE_IGNORED ||
+        s->phase == PHASE_NEW)
+        return 0;
+    if (s->phase == PHASE_RESP) {
+        s->phase = PHASE_REQ;     /* more body after 100 Continue */
+        s->resp_start = s->resp_end = s->resp_bytes = 0;
+        s->rd_events = 0;
+    }
+    s->req_bytes += args->ret;
+    s->req_end = start;
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+    int type = args->type & 0xf;
+    if ((args->family == 2 || args->family == 10) && type == 1) {
+        u32 tid = (u32)bpf_get_current_pid_tgid();
+        u8 one = 1;
+        new_sockets.update(&tid, &one);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    if (!new_sockets.lookup(&tid))
+        return 0;
+    new_sockets.delete(&tid);
+    if (args->ret < 0 || !pass_filters(id >> 32))
+        return 0;
+    struct fd_key fk = {.tgid = id >> 32, .fd = args->ret};
+    u16 port = 0;
+    tcp_fds.update(&fk, &port);
+    /* A new socket on a reused fd number is a new connection. */
+    struct conn_key k = {.handle = args->ret, .tgid = id >> 32,
+                         .lib = LIB_PLAIN};
+    conns.delete(&k);
+    ctls.delete(&k);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    struct fd_key fk = {.tgid = bpf_get_current_pid_tgid() >> 32,
+                        .fd = args->fd};
+    u16 *port = tcp_fds.lookup(&fk);
+    if (!port)
+        return 0;
+    u16 sa[2] = {};   /* sa_family, then the port in network order */
+    bpf_probe_read_user(sa, sizeof(sa), (void *)args->uservaddr);
+    u16 remote = (sa[1] >> 8) | ((sa[1] & 0xff) << 8);
+    __PORT_FILTER__
+    *port = remote;
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    struct fd_key fk = {.tgid = bpf_get_current_pid_tgid() >> 32,
+                        .fd = args->fd};
+    if (!tcp_fds.lookup(&fk))
+        return 0;
+    tcp_fds.delete(&fk);
+    return close_conn((struct pt_regs *)args, LIB_PLAIN, args->fd);
+}
+#endif
 
 /* Entry points, one set per library family. */
 #define IO_PROBES(fam, lib)                                                  \
@@ -911,8 +1119,13 @@ int openssl_read_ex_enter(struct pt_regs *ctx) {
 """
 
 
-def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024):
+def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
+                plain=True, port=None):
     """The C text with filters and sizes compiled in."""
+    port_filter = ""
+    if port:
+        port_filter = ("if (remote != %d) { tcp_fds.delete(&fk); return 0; }"
+                       % port)
     pid_filter = "if (tgid != %d) return 0;" % pid if pid else ""
     comm_filter = ""
     if comm:
@@ -928,6 +1141,8 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024):
                         ("__MAX_READ_EVENTS__", MAX_READ_EVENTS),
                         ("__HEAD_WINDOW__", HEAD_WINDOW),
                         ("__WAKE_EVERY__", WAKE_EVERY),
+                        ("__PLAIN_HTTP__", int(plain)),
+                        ("__PORT_FILTER__", port_filter),
                         ("__MAX_CONNS__", max_conns),
                         ("__RINGBUF_PAGES__", ringbuf_pages),
                         ("__PID_FILTER__", pid_filter),
@@ -2234,7 +2449,8 @@ class Tracer:
         try:
             self.bpf = self.bcc.BPF(text=bpf_program(
                 self.args.pid, self.args.comm,
-                ringbuf_pages=self.args.ringbuf_pages))
+                ringbuf_pages=self.args.ringbuf_pages,
+                plain=not self.args.no_plain, port=self.args.port))
         except Exception as exc:
             raise Fatal("the BPF program did not compile or load (%s); "
                         "are the kernel headers right? run ./install.sh" %
@@ -2252,6 +2468,10 @@ class Tracer:
         attached = attach_probes(self.bpf, libraries)
         if not attached:
             raise Fatal("no TLS library entry point could be attached")
+        if not self.args.no_plain:
+            progress("  plain HTTP: syscall tracepoints, TCP sockets created "
+                     "from now on%s" % (" to port %d" % self.args.port
+                                        if self.args.port else ""))
         for family, count in attached.items():
             self.attached[family] += count
         self.conns = self.bpf["conns"]

@@ -1,0 +1,92 @@
+"""Plain HTTP (no TLS) from syscall tracepoints, and sendfile uploads."""
+
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import (PYTHON, S3Server, Tracer, python_client, require_bpf,
+                      run_client)
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    server = S3Server(plain=True)
+    yield server
+    server.stop()
+
+
+SENDFILE_CLIENT = r"""
+import os, socket, sys
+port, path, size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with open("/tmp/s3slower-sendfile", "wb") as f:
+    f.write(b"s" * size)
+sock = socket.create_connection(("127.0.0.1", port))
+sock.sendall(b"PUT %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\n"
+             b"\r\n" % (path.encode(), port, size))      # head with write()
+with open("/tmp/s3slower-sendfile", "rb") as f:
+    sent = 0
+    while sent < size:                                # body with sendfile()
+        sent += os.sendfile(sock.fileno(), f.fileno(), sent, size - sent)
+os.unlink("/tmp/s3slower-sendfile")
+reply = b""
+while b"\r\n\r\n" not in reply:
+    reply += sock.recv(65536)
+print(reply.split(b" ")[1].decode())
+"""
+
+
+def test_plain_http_curl_and_python(tracer, plain_server):
+    base = "http://127.0.0.1:%d/plainbkt" % plain_server.port
+    pid, _ = run_client(["curl", "-sf", "-X", "PUT", base, "--next", "-sf",
+                         "-X", "PUT", "--data-binary", "plain body",
+                         base + "/k", "--next", "-sf", "-o", "/dev/null",
+                         base + "/k", "--next", "-sfI", base + "/k"])
+    records = tracer.wait_records(4, pid=pid)
+    assert [(r["lib"], r["op"], r["status"]) for r in records] == [
+        ("plain", "CreateBucket", 200), ("plain", "PutObject", 200),
+        ("plain", "GetObject", 200), ("plain", "HeadObject", 200)]
+    assert records[1]["req_bytes"] == 10 and records[2]["resp_bytes"] == 10
+    assert all(r["complete"] and r["latency_ms"] > 0 for r in records)
+    # Python's http.client reads with recv_into on a buffered socket file.
+    pid, _ = python_client(
+        "import http.client,sys\n"
+        "c=http.client.HTTPConnection('127.0.0.1',int(sys.argv[1]))\n"
+        "for i in range(3):\n"
+        "    c.request('GET','/plainbkt/delay-50/k'); c.getresponse().read()\n",
+        plain_server.port)
+    records = tracer.wait_records(3, pid=pid)
+    assert [(r["lib"], r["status"], r["error_code"]) for r in records] == \
+        [("plain", 404, "NoSuchKey")] * 3
+    assert all(r["latency_ms"] >= 50 for r in records)
+
+
+def test_sendfile_body_counted(tracer, plain_server):
+    run_client(["curl", "-sf", "-X", "PUT",
+                "http://127.0.0.1:%d/sfbkt" % plain_server.port])
+    size = 3 * 1024 * 1024
+    pid, out = python_client(SENDFILE_CLIENT, plain_server.port,
+                             "/sfbkt/obj", size)
+    assert out.strip() == "200"
+    (r,) = tracer.wait_records(1, pid=pid)
+    assert (r["op"], r["req_bytes"], r["status"], r["complete"]) == \
+        ("PutObject", size, 200, True)
+    assert 0 <= r["turnaround_ms"] <= r["ttfb_ms"] <= r["latency_ms"]
+
+
+def test_no_plain_and_port_filter(plain_server, s3_server):
+    require_bpf()
+    url = "http://127.0.0.1:%d/filtbkt" % plain_server.port
+    for args, expect in ((["--no-plain"], 0),
+                         (["--port", str(plain_server.port + 1)], 0),
+                         (["--port", str(plain_server.port)], 1)):
+        t = Tracer("--comm", "curl", *args)
+        try:
+            pid, _ = run_client(["curl", "-s", "-X", "PUT", url])
+            tls, _ = run_client(["curl", "-sk", "-o", "/dev/null",
+                                 s3_server.url + "/filtbkt"])
+            assert len(t.wait_records(1, pid=tls)) == 1   # TLS unaffected
+            assert len(t.records(pid=pid)) == expect, args
+        finally:
+            t.stop()
