@@ -53,7 +53,8 @@ apt_install() {
 }
 
 # --- BCC and the metrics library, for the distribution's python3 ----------
-apt_install python3-bpfcc python3-prometheus-client
+# python3-capstone: finds the return instructions of Go programs' crypto/tls Read.
+apt_install python3-bpfcc python3-prometheus-client python3-capstone
 
 # --- kernel headers --------------------------------------------------------
 release=$(uname -r)
@@ -90,7 +91,8 @@ fi
 if [ "$want_tests" -eq 1 ]; then
     apt_install python3-pytest python3-boto3 python3-hypothesis curl wget awscli s3cmd \
         openssl ca-certificates procps prometheus \
-        gcc libc6-dev pkg-config libssl-dev libnss3-dev libnspr4-dev nginx
+        gcc libc6-dev pkg-config libssl-dev libnss3-dev libnspr4-dev nginx \
+        golang-go
 fi
 
 python=$(command -v /usr/bin/python3 || true)

@@ -154,6 +154,8 @@ def build_parser():
                       help="attach to GnuTLS")
     libs.add_argument("--nss", action="store_true",
                       help="attach to NSS/NSPR")
+    libs.add_argument("--go", action="store_true",
+                      help="attach to Go programs' crypto/tls")
     libs.add_argument("--libssl", action="append", default=[], metavar="PATH",
                       help="also attach to this libssl (or binary with "
                            "OpenSSL linked in); repeatable")
@@ -161,6 +163,9 @@ def build_parser():
                       metavar="PATH", help="also attach to this libgnutls")
     libs.add_argument("--libnss", action="append", default=[], metavar="PATH",
                       help="also attach to this libnspr4")
+    libs.add_argument("--go-binary", action="append", default=[],
+                      metavar="PATH",
+                      help="also attach to this Go program; repeatable")
     libs.add_argument("--rescan-interval", type=positive_float, default=10.0,
                       metavar="SECONDS",
                       help="look for new TLS library files (new containers, "
@@ -234,15 +239,17 @@ def parse_args(argv=None):
 
 # Each family: the sonames that carry its I/O entry points, and the probes.
 # A probe is (symbol, kind) where kind says which C handlers take it.
-LIB_OPENSSL, LIB_GNUTLS, LIB_NSS, LIB_PLAIN = 1, 2, 3, 4
+LIB_OPENSSL, LIB_GNUTLS, LIB_NSS, LIB_PLAIN, LIB_GO = 1, 2, 3, 4, 5
 LIB_NAMES = {LIB_OPENSSL: "openssl", LIB_GNUTLS: "gnutls", LIB_NSS: "nss",
-             LIB_PLAIN: "plain"}
+             LIB_PLAIN: "plain", LIB_GO: "go"}
 
 FAMILIES = OrderedDict([
     ("openssl", dict(lib=LIB_OPENSSL, pattern=re.compile(r"libssl\.so(\.|$)"),
                      probes=[("SSL_write", "write"), ("SSL_write_ex", "write_ex"),
                              ("SSL_read", "read"), ("SSL_read_ex", "read_ex"),
-                             ("SSL_shutdown", "close"), ("SSL_free", "close")])),
+                             ("SSL_shutdown", "close"), ("SSL_free", "close"),
+                             # ties a socket to its SSL * (sendfile, kTLS)
+                             ("SSL_set_fd", "set_fd")])),
     ("gnutls", dict(lib=LIB_GNUTLS, pattern=re.compile(r"libgnutls\.so(\.|$)"),
                     # send tail-calls send2: the stack-pointer check in
                     # the kernel keeps one report per call.
@@ -255,6 +262,8 @@ FAMILIES = OrderedDict([
                  probes=[("PR_Write", "write"), ("PR_Send", "write"),
                          ("PR_Read", "read"), ("PR_Recv", "read"),
                          ("PR_Close", "close")])),
+    # Found by symbol, attached by attach_go (no return probes).
+    ("go", dict(lib=LIB_GO, pattern=None, probes=[])),
 ])
 
 LibraryFile = namedtuple("LibraryFile", "family path static")
@@ -314,53 +323,91 @@ SHT_SYMTAB, SHT_DYNSYM, SHN_UNDEF, STT_FUNC = 2, 11, 0, 2
 MAX_SCAN_BYTES = 256 << 20     # symbol tables larger than this are not read
 
 
-def elf_functions(path, names):
-    """The subset of names that path (an ELF64 file) defines as functions,
-    in .dynsym or .symtab: how a statically linked TLS library is found."""
-    found = set()
+ElfSection = namedtuple("ElfSection", "name type addr offset size link")
+
+
+def elf_sections(f):
+    """The sections of an open ELF64 file, or [] if it is not one."""
+    f.seek(0)
+    head = f.read(ELF_HEADER.size)
+    if len(head) < ELF_HEADER.size:
+        return []
+    (magic, klass, _type, _machine, _version, _entry, _phoff, shoff, _flags,
+     _ehsize, _phsize, _phnum, shentsize, shnum,
+     shstrndx) = ELF_HEADER.unpack(head)
+    if magic != b"\x7fELF" or klass != 2 or \
+            shentsize != ELF_SECTION.size or not 0 < shnum < 65536:
+        return []
+    f.seek(shoff)
+    table = f.read(shnum * shentsize)
+    raw = [ELF_SECTION.unpack_from(table, i * shentsize)
+           for i in range(len(table) // shentsize)]
+    names = b""
+    if shstrndx < len(raw) and raw[shstrndx][5] < (1 << 20):
+        f.seek(raw[shstrndx][4])
+        names = f.read(raw[shstrndx][5])
+    sections = []
+    for sec in raw:
+        end = names.find(b"\0", sec[0])
+        sections.append(ElfSection(names[sec[0]:end].decode("latin-1"),
+                                   sec[1], sec[3], sec[4], sec[5], sec[6]))
+    return sections
+
+
+def elf_symbols(path, names):
+    """{name: (address, size)} for the functions among names that path (an
+    ELF64 file) defines in .dynsym or .symtab: how a statically linked TLS
+    library or a Go program's crypto/tls is found."""
+    found = {}
     try:
         with open(path, "rb") as f:
-            head = f.read(ELF_HEADER.size)
-            if len(head) < ELF_HEADER.size:
-                return found
-            (magic, klass, _type, _machine, _version, _entry, _phoff, shoff,
-             _flags, _ehsize, _phsize, _phnum, shentsize, shnum,
-             _shstrndx) = ELF_HEADER.unpack(head)
-            if magic != b"\x7fELF" or klass != 2 or \
-                    shentsize != ELF_SECTION.size or not 0 < shnum < 65536:
-                return found
-            f.seek(shoff)
-            table = f.read(shnum * shentsize)
-            sections = [ELF_SECTION.unpack_from(table, i * shentsize)
-                        for i in range(len(table) // shentsize)]
+            sections = elf_sections(f)
             wanted = {n.encode() for n in names}
-            for sh_type, offset, size, link in (
-                    (sec[1], sec[4], sec[5], sec[6]) for sec in sections):
-                if sh_type not in (SHT_SYMTAB, SHT_DYNSYM) or \
-                        link >= len(sections) or size > MAX_SCAN_BYTES:
+            for sec in sections:
+                if sec.type not in (SHT_SYMTAB, SHT_DYNSYM) or \
+                        sec.link >= len(sections) or sec.size > MAX_SCAN_BYTES:
                     continue
-                str_offset, str_size = sections[link][4], sections[link][5]
-                if str_size > MAX_SCAN_BYTES:
+                strtab = sections[sec.link]
+                if strtab.size > MAX_SCAN_BYTES:
                     continue
-                f.seek(str_offset)
-                strings = f.read(str_size)
+                f.seek(strtab.offset)
+                strings = f.read(strtab.size)
                 # Cheap test first: most files name none of the symbols.
                 if not any(b"\0" + n + b"\0" in strings for n in wanted):
                     continue
-                f.seek(offset)
-                symbols = f.read(size)
+                f.seek(sec.offset)
+                symbols = f.read(sec.size)
                 for i in range(len(symbols) // ELF_SYMBOL.size):
-                    name_at, info, _other, shndx, _value, _size = \
+                    name_at, info, _other, shndx, value, size = \
                         ELF_SYMBOL.unpack_from(symbols, i * ELF_SYMBOL.size)
                     if shndx == SHN_UNDEF or info & 0xf != STT_FUNC:
                         continue
                     end = strings.find(b"\0", name_at)
                     name = strings[name_at:end]
                     if name in wanted:
-                        found.add(name.decode())
+                        found[name.decode()] = (value, size)
     except (OSError, struct.error, ValueError):
         pass
     return found
+
+
+def elf_functions(path, names):
+    """The subset of names that path defines as functions."""
+    return set(elf_symbols(path, names))
+
+
+def elf_bytes(path, address, size):
+    """size bytes of path at a virtual address (of a function), or b""."""
+    try:
+        with open(path, "rb") as f:
+            for sec in elf_sections(f):
+                if sec.addr <= address < sec.addr + sec.size and \
+                        sec.type != 8:          # SHT_NOBITS has no bytes
+                    f.seek(sec.offset + address - sec.addr)
+                    return f.read(min(size, sec.addr + sec.size - address))
+    except (OSError, struct.error, ValueError):
+        pass
+    return b""
 
 
 # OpenSSL/BoringSSL built into an executable or another library.
@@ -375,6 +422,58 @@ def has_static_openssl(path, st):
             _scanned.clear()
         _scanned[ident] = \
             elf_functions(path, STATIC_OPENSSL) == set(STATIC_OPENSSL)
+    return _scanned[ident]
+
+
+# Go programs carry their own TLS (crypto/tls). Supported: amd64 with the
+# register ABI (Go >= 1.17), version read from the build info that Go >= 1.18
+# writes inline; symbols needed, so a stripped binary (-ldflags=-s) is not.
+GO_WRITE = "crypto/tls.(*Conn).Write"
+GO_READ = "crypto/tls.(*Conn).Read"
+GO_CLOSE = "crypto/tls.(*Conn).Close"
+GO_SYMBOLS = (GO_WRITE, GO_READ, GO_CLOSE)
+GO_MIN_VERSION = (1, 18)
+_BUILDINFO = re.compile(rb"go(1)\.(\d+)")
+
+
+def go_version(path):
+    """(major, minor) of the Go toolchain that built path, or None."""
+    try:
+        with open(path, "rb") as f:
+            for sec in elf_sections(f):
+                if sec.name == ".go.buildinfo":
+                    f.seek(sec.offset)
+                    head = f.read(min(sec.size, 4096))
+                    # Go >= 1.18: flag bit 2 at byte 15, then the version as
+                    # a length-prefixed string at byte 32.
+                    if len(head) > 33 and head[15] & 2:
+                        m = _BUILDINFO.match(head, 33)
+                        if m:
+                            return int(m.group(1)), int(m.group(2))
+                    return None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def go_return_offsets(path, address, size):
+    """Offsets of the RET instructions in a function, from its machine code:
+    where a Go function's return is caught (uretprobes break Go's moving
+    stacks). None when the disassembler (python3-capstone) is missing."""
+    try:
+        import capstone
+    except ImportError:
+        return None
+    code = elf_bytes(path, address, size)
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    return [insn.address - address for insn in disassembler.disasm(code, address)
+            if insn.mnemonic == "ret"]
+
+
+def is_go_tls(path, st):
+    ident = ("go",) + (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if ident not in _scanned:
+        _scanned[ident] = GO_READ in elf_functions(path, (GO_READ,))
     return _scanned[ident]
 
 
@@ -405,8 +504,9 @@ def discover_libraries(families, extra, pid=None, known=None):
     for family, path in extra:
         st = stat(path)
         if st:
-            add(family, path, st, static=not FAMILIES[family]["pattern"]
-                .search(os.path.basename(path)))
+            pattern = FAMILIES[family]["pattern"]
+            add(family, path, st, static=not pattern or
+                not pattern.search(os.path.basename(path)))
     scanned = set()
     # Files processes run, then the loader's cache (with --pid too: the
     # process may load a TLS library later).
@@ -414,9 +514,10 @@ def discover_libraries(families, extra, pid=None, known=None):
             [pid] if pid else all_pids())] + \
             [(p, False) for p in loader_cache_paths()]:
         name = os.path.basename(path)
-        matched = [f for f in families
-                   if FAMILIES[f]["pattern"].search(name)]
-        if not matched and not (from_process and "openssl" in families):
+        matched = [f for f in families if FAMILIES[f]["pattern"] and
+                   FAMILIES[f]["pattern"].search(name)]
+        scan = from_process and ("openssl" in families or "go" in families)
+        if not matched and not scan:
             continue
         st = stat(path)
         if st is None:
@@ -425,8 +526,10 @@ def discover_libraries(families, extra, pid=None, known=None):
             add(family, path, st)
         if not matched and (st.st_dev, st.st_ino) not in scanned:
             scanned.add((st.st_dev, st.st_ino))
-            if has_static_openssl(path, st):
+            if "openssl" in families and has_static_openssl(path, st):
                 add("openssl", path, st, static=True)
+            if "go" in families and is_go_tls(path, st):
+                add("go", path, st, static=True)
     return found, len(scanned)
 
 
@@ -933,6 +1036,10 @@ static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 copy_max,
     u32 tgid = id >> 32, tid = (u32)id;
     if (!tcp_fd(fd) || !pass_filters(tgid))
         return 0;
+    /* Inside SSL_write/SSL_read (kernel TLS: the plaintext reaches the
+     * socket): the TLS probes report this request, not us. */
+    if (calls.lookup(&tid))
+        return 0;
     if (is_read) {
         struct conn_key k = {.handle = fd, .tgid = tgid, .lib = LIB_PLAIN};
         struct conn_state *s = conns.lookup(&k);
@@ -948,14 +1055,28 @@ static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 copy_max,
 
 static __always_inline int sys_exit_io(long ret, int is_read)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
     struct call_args *ap = sys_calls.lookup(&tid);
     if (!ap)
         return 0;
     struct call_args a = *ap;
     sys_calls.delete(&tid);
     u64 n = ret > 0 ? (u64)ret : 0;
-    return is_read ? handle_read(&a, n) : handle_write(&a, n);
+    if (is_read)
+        return handle_read(&a, n);
+    handle_write(&a, n);
+    /* Not HTTP (a TLS socket, another protocol): forget the fd, so its
+     * next syscalls cost one failed lookup. */
+    struct conn_key k = {.handle = a.handle, .tgid = id >> 32,
+                         .lib = LIB_PLAIN};
+    struct conn_state *s = conns.lookup(&k);
+    if (s && s->phase == PHASE_IGNORED) {
+        struct fd_key fk = {.tgid = id >> 32, .fd = a.handle};
+        tcp_fds.delete(&fk);
+        conns.delete(&k);
+    }
+    return 0;
 }
 
 /* The first iovec: where the data a tracer can copy starts. */
@@ -994,12 +1115,26 @@ TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return sys_exit_io(args->ret, 1); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return msg_enter(args->fd, (u64)args->msg, 1); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return sys_exit_io(args->ret, 1); }
 
-/* A request body sent with sendfile: counted, never copied. */
+/* A request body sent with sendfile (kernel TLS does this too, after the
+ * head went through SSL_write): counted, never copied, on the plain
+ * connection of the fd or the TLS connection the fd was given to. */
+BPF_TABLE("lru_hash", struct fd_key, u64, fd_owners, __MAX_CONNS__);
+
+int openssl_set_fd_enter(struct pt_regs *ctx)
+{
+    struct fd_key fk = {.tgid = bpf_get_current_pid_tgid() >> 32,
+                        .fd = PT_REGS_PARM2(ctx)};
+    u64 ssl = PT_REGS_PARM1(ctx);
+    fd_owners.update(&fk, &ssl);
+    return 0;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    if (!tcp_fd(args->out_fd))
+    struct fd_key fk = {.tgid = id >> 32, .fd = args->out_fd};
+    if (!tcp_fds.lookup(&fk) && !fd_owners.lookup(&fk))
         return 0;
     struct call_args a = {.handle = args->out_fd, .start = bpf_ktime_get_ns(),
                           .lib = LIB_PLAIN};
@@ -1018,9 +1153,19 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
                          .lib = LIB_PLAIN};
     u64 start = ap->start;
     sys_calls.delete(&tid);
+    if (args->ret <= 0)
+        return 0;
     struct conn_state *s = conns.lookup(&k);
-    if (!s || args->ret <= 0 || s->phase == PHASE_IGNORED ||
-        s->phase == PHASE_NEW)
+    if (!s || s->phase == PHASE_IGNORED) {
+        struct fd_key fk = {.tgid = id >> 32, .fd = k.handle};
+        u64 *ssl = fd_owners.lookup(&fk);
+        if (!ssl)
+            return 0;
+        k.handle = *ssl;
+        k.lib = 1;
+        s = conns.lookup(&k);
+    }
+    if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
         return 0;
     if (s->phase == PHASE_RESP) {
         s->phase = PHASE_REQ;     /* more body after 100 Continue */
@@ -1088,6 +1233,57 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     return close_conn((struct pt_regs *)args, LIB_PLAIN, args->fd);
 }
 #endif
+
+/* Go crypto/tls, register ABI on amd64: receiver in RAX, the []byte in
+ * RBX (pointer) and RCX (length); results in RAX. The current goroutine is
+ * in R14: a Read is matched to its return by goroutine, since goroutines
+ * move between threads while they wait. */
+BPF_TABLE("lru_hash", u64, struct call_args, go_calls, 16384);
+
+int go_write_enter(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!ctx->ax || !pass_filters(tgid))
+        return 0;
+    struct call_args a = {.handle = ctx->ax, .buf = ctx->bx,
+                          .start = bpf_ktime_get_ns(), .lib = 5};
+    /* Write returns only when all is written or the connection failed. */
+    return handle_write(&a, ctx->cx);
+}
+
+int go_read_enter(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!ctx->ax || !pass_filters(tgid))
+        return 0;
+    /* No check of the connection here: net/http's reader goroutine enters
+     * Read before the request is written; the return decides. */
+    u64 g = ctx->r14;
+    u64 cap = ctx->cx;
+    bound_value(cap, 0xffffffff);
+    struct call_args a = {.handle = ctx->ax, .buf = ctx->bx,
+                          .start = bpf_ktime_get_ns(), .lib = 5,
+                          .copy_max = cap};
+    go_calls.update(&g, &a);
+    return 0;
+}
+
+int go_read_return(struct pt_regs *ctx)
+{
+    u64 g = ctx->r14;
+    struct call_args *ap = go_calls.lookup(&g);
+    if (!ap)
+        return 0;
+    struct call_args a = *ap;
+    go_calls.delete(&g);
+    long n = (long)ctx->ax;
+    return handle_read(&a, n > 0 ? (u64)n : 0);
+}
+
+int go_close_enter(struct pt_regs *ctx)
+{
+    return close_conn(ctx, 5, ctx->ax);
+}
 
 /* Entry points, one set per library family. */
 #define IO_PROBES(fam, lib)                                                  \
@@ -2365,12 +2561,15 @@ def selected_families(args):
 
 def forced_libraries(args):
     extra = []
-    for family, paths in (("openssl", args.libssl), ("gnutls", args.libgnutls),
-                          ("nss", args.libnss)):
+    for family, option, paths in (
+            ("openssl", "--libssl", args.libssl),
+            ("gnutls", "--libgnutls", args.libgnutls),
+            ("nss", "--libnss", args.libnss),
+            ("go", "--go-binary", args.go_binary)):
         for path in paths:
             if not os.path.isfile(path):
-                raise Fatal("%s: no such file (given with --lib%s)" % (
-                    path, "ssl" if family == "openssl" else family))
+                raise Fatal("%s: no such file (given with %s)" % (path,
+                                                                   option))
             extra.append((family, path))
     return extra
 
@@ -2380,10 +2579,42 @@ PROBE_HANDLERS = {"write": ("write_enter", "write_exit"),
                   "write_ex": ("write_ex_enter", "write_exit"),
                   "read": ("read_enter", "read_exit"),
                   "read_ex": ("read_ex_enter", "read_exit"),
-                  "close": ("close_enter", None)}
+                  "close": ("close_enter", None),
+                  "set_fd": ("set_fd_enter", None)}
 # The handlers every family's C code defines (the _ex ones are OpenSSL's).
 PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
                       "close_enter")
+GO_HANDLERS = ("write_enter", "read_enter", "read_return", "close_enter")
+
+
+def attach_go(bpf, lib):
+    """Probes on a Go program's crypto/tls: entries, and every RET of Read
+    (never a uretprobe: Go moves goroutine stacks). Returns the symbols
+    attached, or raises Fatal-free ValueError saying why not."""
+    version = go_version(lib.path)
+    if version is None or version < GO_MIN_VERSION:
+        raise ValueError("Go %s; Go >= %d.%d is supported" % (
+            "%d.%d" % version if version else "version unknown",
+            *GO_MIN_VERSION))
+    symbols = elf_symbols(lib.path, GO_SYMBOLS)
+    if GO_READ not in symbols or GO_WRITE not in symbols:
+        raise ValueError("no crypto/tls symbols (stripped?)")
+    returns = go_return_offsets(lib.path, *symbols[GO_READ])
+    if returns is None:
+        raise ValueError("needs python3-capstone to find Read's returns")
+    if not returns:
+        raise ValueError("no return instruction found in %s" % GO_READ)
+    bpf.attach_uprobe(name=lib.path, sym=GO_WRITE, fn_name="go_write_enter")
+    bpf.attach_uprobe(name=lib.path, sym=GO_READ, fn_name="go_read_enter")
+    for offset in returns:
+        bpf.attach_uprobe(name=lib.path, sym=GO_READ, sym_off=offset,
+                          fn_name="go_read_return")
+    names = [GO_WRITE, "%s (+%d returns)" % (GO_READ, len(returns))]
+    if GO_CLOSE in symbols:
+        bpf.attach_uprobe(name=lib.path, sym=GO_CLOSE,
+                          fn_name="go_close_enter")
+        names.append(GO_CLOSE)
+    return names
 
 
 def attach_probes(bpf, libraries, prefix="  "):
@@ -2391,6 +2622,16 @@ def attach_probes(bpf, libraries, prefix="  "):
     attached = defaultdict(int)
     skipped = []
     for lib in libraries:
+        if lib.family == "go":
+            try:
+                names = attach_go(bpf, lib)
+            except Exception as exc:
+                progress("%sskipped Go program %s: %s" % (prefix, lib.path,
+                                                        exc))
+                continue
+            attached["go"] += len(names)
+            progress("%sgo %s (%s)" % (prefix, lib.path, ", ".join(names)))
+            continue
         names = []
         for symbol, kind in FAMILIES[lib.family]["probes"]:
             enter, leave = PROBE_HANDLERS[kind]
@@ -2460,7 +2701,8 @@ class Tracer:
         try:
             for name in sorted({"%s_%s" % (lib.family, suffix)
                                 for lib in libraries for suffix in
-                                PROBE_HANDLERS_ALL}):
+                                (GO_HANDLERS if lib.family == "go"
+                                 else PROBE_HANDLERS_ALL)}):
                 self.bpf.load_func(name, self.bcc.BPF.KPROBE)
         except Exception as exc:
             raise Fatal("the kernel rejected the BPF program: %s" %
@@ -2632,8 +2874,9 @@ def main(argv=None):
         started = time.monotonic()
         libraries, scanned = discover_libraries(
             selected_families(args), forced_libraries(args), args.pid, known)
-        progress("  looked for built-in OpenSSL in %d other files in use "
-                 "(%.2f s)" % (scanned, time.monotonic() - started))
+        progress("  looked for built-in OpenSSL and Go crypto/tls in %d "
+                 "other files in use (%.2f s)" % (
+                     scanned, time.monotonic() - started))
         if not libraries:
             raise Fatal("no TLS library found (looked for %s); give one with "
                         "--libssl/--libgnutls/--libnss" %

@@ -90,3 +90,41 @@ def test_no_plain_and_port_filter(plain_server, s3_server):
             assert len(t.records(pid=pid)) == expect, args
         finally:
             t.stop()
+
+
+def kernel_tls_missing():
+    """Why kernel TLS cannot be used here, or None."""
+    try:
+        subprocess.run(["modprobe", "-q", "tls"], capture_output=True)
+    except OSError:
+        pass        # no modprobe: modules cannot be loaded anyway
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
+            ulps = f.read().split()
+    except OSError as exc:
+        return "no /proc/sys/net/ipv4/tcp_available_ulp (%s)" % exc
+    if "tls" not in ulps:
+        return ("the kernel offers no TLS upper-layer protocol "
+                "(tcp_available_ulp: %s): no kernel TLS on this machine"
+                % (" ".join(ulps) or "empty"))
+    return None
+
+
+def test_ktls_sendfile_upload_reported_once(tracer, s3_server):
+    """Head through SSL_write, body through SSL_sendfile on a kernel-TLS
+    socket: one report, on the TLS connection, with the body counted."""
+    reason = kernel_tls_missing()
+    if reason:
+        pytest.skip(reason)
+    client = os.path.join(tempfile.mkdtemp(prefix="s3slower-ktls"), "tls-ktls")
+    subprocess.run(["cc", "-O1", os.path.join(os.path.dirname(__file__),
+                                              "clients", "tlsclient.c"),
+                    "-o", client, "-lssl", "-lcrypto"], check=True)
+    run_client(["curl", "-skf", "-X", "PUT", s3_server.url + "/ktlsbkt"])
+    pid, out = run_client([client, str(s3_server.port), "PUT",
+                           "/ktlsbkt/obj", "GET", "/ktlsbkt/obj"],
+                          env=dict(os.environ, TLSCLIENT_KTLS="1"))
+    records = tracer.wait_records(2, pid=pid)
+    assert [(r["lib"], r["method"], r["status"]) for r in records] == [
+        ("openssl", "PUT", 200), ("openssl", "GET", 200)]
+    assert records[0]["req_bytes"] == len("hello static")

@@ -12,6 +12,8 @@
  * first writes and reads back a file holding an HTTP request through NSPR:
  * file I/O that must not look like a request to a tracer.
  * With TLSCLIENT_WAIT set, it waits for a line on stdin before connecting.
+ * With TLSCLIENT_KTLS set (OpenSSL builds), it asks for kernel TLS, exits 5
+ * if it did not get it, and sends PUT bodies with SSL_sendfile.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -90,10 +92,28 @@ static void tls_connect(int port)
     if (!ctx || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
         exit(12);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    if (getenv("TLSCLIENT_KTLS"))
+        SSL_CTX_set_options(ctx, SSL_OP_ENABLE_KTLS);
     conn = SSL_new(ctx);
     SSL_set_fd(conn, fd);
     if (SSL_connect(conn) != 1)
         exit(13);
+    if (getenv("TLSCLIENT_KTLS") && !BIO_get_ktls_send(SSL_get_wbio(conn)))
+        exit(5);        /* asked for kernel TLS and did not get it */
+}
+
+/* With kernel TLS, a PUT body goes through SSL_sendfile: the bytes never
+ * pass SSL_write. */
+static int send_body(const char *body)
+{
+    char path[] = "/tmp/tlsclient-body-XXXXXX";
+    int fd = mkstemp(path), len = strlen(body);
+    if (fd < 0 || write(fd, body, len) != len)
+        return -1;
+    unlink(path);
+    ossl_ssize_t sent = SSL_sendfile(conn, fd, 0, len, 0);
+    close(fd);
+    return sent == len ? 0 : -1;
 }
 
 static int tls_write(const char *buf, int len) { return SSL_write(conn, buf, len); }
@@ -101,6 +121,7 @@ static int tls_read(char *buf, int len) { return SSL_read(conn, buf, len); }
 static void tls_close(void) { SSL_shutdown(conn); SSL_free(conn); }
 static const char *body = "hello static";
 static void file_io_through_nspr(void) {}
+#define HAVE_SENDFILE 1
 #endif
 
 /* Read one response: the head, then Content-Length bytes of body. */
@@ -148,10 +169,21 @@ int main(int argc, char **argv)
         char req[1024];
         int put = strcmp(argv[i], "PUT") == 0, status;
         long got;
+        int sendfile_body = 0;
+#ifdef HAVE_SENDFILE
+        sendfile_body = put && getenv("TLSCLIENT_KTLS") != NULL;
+#endif
         int len = snprintf(req, sizeof(req), "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\n"
                            "Content-Length: %zu\r\n\r\n%s", argv[i], argv[i + 1],
-                           argv[1], put ? strlen(body) : 0, put ? body : "");
-        if (tls_write(req, len) != len || read_response(&status, &got) != 0)
+                           argv[1], put ? strlen(body) : 0,
+                           put && !sendfile_body ? body : "");
+        if (tls_write(req, len) != len)
+            return 4;
+#ifdef HAVE_SENDFILE
+        if (sendfile_body && send_body(body) != 0)
+            return 6;
+#endif
+        if (read_response(&status, &got) != 0)
             return 4;
         printf("%d %ld\n", status, got);
     }
