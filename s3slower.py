@@ -6,9 +6,11 @@
 # USAGE: s3slower.py [-h] [-p PID] [--json] [filters...]
 #
 # Uprobes on the TLS libraries' read and write entry points (OpenSSL, GnuTLS,
-# NSS/NSPR) see the plaintext HTTP before it is encrypted and after it is
-# decrypted. The kernel side keeps one small state record per TLS connection
-# (an SSL *, a gnutls session, a PRFileDesc *), stamps the first and last byte
+# NSS/NSPR, OpenSSL built into programs, Go's crypto/tls) see the plaintext
+# HTTP before it is encrypted and after it is decrypted; syscall tracepoints
+# see plain HTTP. The kernel side keeps one small state record per connection
+# (an SSL *, a gnutls session, a PRFileDesc *, a *tls.Conn, a (pid, fd)),
+# stamps the first and last byte
 # of each request and response, and sends user space only the first few reads
 # and writes of each exchange; byte counting and end-of-body detection for
 # large transfers stay in the kernel. User space parses the HTTP heads, names
@@ -801,6 +803,24 @@ static __always_inline int take_call(struct pt_regs *ctx, struct call_args *out)
     return 1;
 }
 
+/* n more request bytes, from a call that started at start. */
+static __always_inline void count_request_bytes(struct conn_state *s,
+                                                u64 start, u64 n)
+{
+    if (s->phase == PHASE_RESP) {
+        /* More request body after an interim response (100 Continue):
+         * the final response starts a new read phase. */
+        s->phase = PHASE_REQ;
+        s->resp_start = 0;
+        s->resp_end = 0;
+        s->resp_bytes = 0;
+        s->rd_events = 0;
+        s->chunk_end = 0;
+    }
+    s->req_end = start;
+    s->req_bytes += n;
+}
+
 static __always_inline int handle_write(struct call_args *ap, u64 n)
 {
     struct call_args a = *ap;
@@ -862,18 +882,8 @@ static __always_inline int handle_write(struct call_args *ap, u64 n)
         s->resp_bytes = 0;
         s->rd_events = 0;
         s->chunk_end = 0;
-    } else if (s->phase == PHASE_RESP) {
-        /* More request body after an interim response (100 Continue):
-         * the final response starts a new read phase. */
-        s->phase = PHASE_REQ;
-        s->resp_start = 0;
-        s->resp_end = 0;
-        s->resp_bytes = 0;
-        s->rd_events = 0;
-        s->chunk_end = 0;
     }
-    s->req_end = a.start;
-    s->req_bytes += n;
+    count_request_bytes(s, a.start, n);
     if (s->wr_events < MAX_WRITE_EVENTS || is_req) {
         s->wr_events++;
         send_event(EV_WRITE, &k, s, now, n, copy, a.buf, 0);
@@ -1167,13 +1177,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
     }
     if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
         return 0;
-    if (s->phase == PHASE_RESP) {
-        s->phase = PHASE_REQ;     /* more body after 100 Continue */
-        s->resp_start = s->resp_end = s->resp_bytes = 0;
-        s->rd_events = 0;
-    }
-    s->req_bytes += args->ret;
-    s->req_end = start;
+    count_request_bytes(s, start, args->ret);
     return 0;
 }
 
