@@ -3,7 +3,9 @@
 on the same files, with handlers that only count. Whatever a tracer adds
 above this is its own cost; this much every uprobe tracer pays.
 
-usage: floor.py   (as root; prints "Tracing ..." on stderr, Ctrl-C ends)
+usage: floor.py [--no-plain]   (as root; prints "Tracing ..." on stderr,
+Ctrl-C ends). --no-plain leaves out the syscall tracepoints, as s3slower's
+option does.
 """
 import ctypes
 import os
@@ -15,21 +17,39 @@ import s3slower  # noqa: E402
 
 PROGRAM = r"""
 BPF_ARRAY(hits, u64, 1);
-int count(struct pt_regs *ctx) {
+static __always_inline int hit(void) {
     int zero = 0;
     u64 *v = hits.lookup(&zero);
     if (v)
         __sync_fetch_and_add(v, 1);
     return 0;
 }
+int count(struct pt_regs *ctx) { return hit(); }
 """
+# The syscall tracepoints s3slower uses for plain HTTP (and sendfile).
+SYSCALLS = ("write", "sendto", "writev", "sendmsg", "read", "recvfrom",
+            "readv", "recvmsg", "sendfile64", "socket")
+ONE_SHOT = ("connect", "close")
+
+
+def tracepoints():
+    text = ""
+    for name in SYSCALLS:
+        text += ("TRACEPOINT_PROBE(syscalls, sys_enter_%s) { return hit(); }\n"
+                 "TRACEPOINT_PROBE(syscalls, sys_exit_%s) { return hit(); }\n"
+                 % (name, name))
+    for name in ONE_SHOT:
+        text += ("TRACEPOINT_PROBE(syscalls, sys_enter_%s) { return hit(); }\n"
+                 % name)
+    return text
 
 
 def main():
     bcc = s3slower.import_bcc()
     s3slower.ensure_tracefs()
     libraries, _ = s3slower.discover_libraries(list(s3slower.FAMILIES), [])
-    bpf = bcc.BPF(text=PROGRAM)
+    plain = "--no-plain" not in sys.argv
+    bpf = bcc.BPF(text=PROGRAM + (tracepoints() if plain else ""))
     probes = 0
     for lib in libraries:
         for symbol, kind in s3slower.FAMILIES[lib.family]["probes"]:
