@@ -414,18 +414,6 @@ def elf_bytes(path, address, size):
 
 # OpenSSL/BoringSSL built into an executable or another library.
 STATIC_OPENSSL = ("SSL_write", "SSL_read")
-_scanned = {}      # (dev, ino, size, mtime) -> bool: rescans stay cheap
-
-
-def has_static_openssl(path, st):
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if ident not in _scanned:
-        if len(_scanned) > 100000:
-            _scanned.clear()
-        _scanned[ident] = \
-            elf_functions(path, STATIC_OPENSSL) == set(STATIC_OPENSSL)
-    return _scanned[ident]
-
 
 # Go programs carry their own TLS (crypto/tls). Supported: amd64 with the
 # register ABI (Go >= 1.17), version read from the build info that Go >= 1.18
@@ -472,10 +460,19 @@ def go_return_offsets(path, address, size):
             if insn.mnemonic == "ret"]
 
 
-def is_go_tls(path, st):
-    ident = ("go",) + (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+_scanned = {}      # (dev, ino, size, mtime) -> families: rescans stay cheap
+
+
+def built_in_tls(path, st):
+    """Families whose TLS is compiled into path: "openssl" and/or "go"."""
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if ident not in _scanned:
-        _scanned[ident] = GO_READ in elf_functions(path, (GO_READ,))
+        if len(_scanned) > 100000:
+            _scanned.clear()
+        found = elf_functions(path, STATIC_OPENSSL + (GO_READ,))
+        _scanned[ident] = {family for family, needed in (
+            ("openssl", STATIC_OPENSSL), ("go", (GO_READ,)))
+            if found.issuperset(needed)}
     return _scanned[ident]
 
 
@@ -528,10 +525,10 @@ def discover_libraries(families, extra, pid=None, known=None):
             add(family, path, st)
         if not matched and (st.st_dev, st.st_ino) not in scanned:
             scanned.add((st.st_dev, st.st_ino))
-            if "openssl" in families and has_static_openssl(path, st):
-                add("openssl", path, st, static=True)
-            if "go" in families and is_go_tls(path, st):
-                add("go", path, st, static=True)
+            built_in = built_in_tls(path, st)
+            for family in families:
+                if family in built_in:
+                    add(family, path, st, static=True)
     return found, len(scanned)
 
 

@@ -74,6 +74,8 @@ def collect(**kw):
 
 GET = b"GET /bkt/key HTTP/1.1\r\nHost: s3.example.com\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nx-amz-request-id: R1\r\n\r\n"
+PUT_EXPECT = (b"PUT /b/k HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+              b"Content-Length: 4\r\n\r\n")
 
 
 def test_keepalive_requests_reported_once_each_with_times():
@@ -108,8 +110,7 @@ def test_headers_split_over_writes_and_host_after_authorization():
 def test_100_continue_is_not_the_response():
     out, asm = collect()
     c = Conn()
-    asm.feed(c.write(0, 1 * MS, b"PUT /b/k HTTP/1.1\r\nHost: h\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n"))
+    asm.feed(c.write(0, 1 * MS, PUT_EXPECT))
     asm.feed(c.read(2 * MS, b"HTTP/1.1 100 Continue\r\n\r\n"))
     assert out == []
     asm.feed(c.write(3 * MS, 4 * MS, b"data"))
@@ -123,8 +124,7 @@ def test_100_continue_then_body_response_counts_from_its_own_phase():
     calls = []
     out, asm = collect(control=lambda *a: calls.append(a[1:]))
     c = Conn()
-    asm.feed(c.write(0, 1 * MS, b"PUT /b/k HTTP/1.1\r\nHost: h\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n"))
+    asm.feed(c.write(0, 1 * MS, PUT_EXPECT))
     asm.feed(c.read(2 * MS, b"HTTP/1.1 100 Continue\r\n\r\n"))
     asm.feed(c.write(3 * MS, 4 * MS, b"data"))
     head = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 9\r\n\r\n"
@@ -139,8 +139,7 @@ def test_interim_response_before_final_in_later_read_of_same_phase():
     out, asm = collect()
     c = Conn()
     # The server answered 100 Continue only after the whole body arrived.
-    asm.feed(c.write(0, 1 * MS, b"PUT /b/k HTTP/1.1\r\nHost: h\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n"))
+    asm.feed(c.write(0, 1 * MS, PUT_EXPECT))
     asm.feed(c.write(2 * MS, 3 * MS, b"data"))
     asm.feed(c.read(4 * MS, b"HTTP/1.1 100 Continue\r\n\r\n"))
     asm.feed(c.read(15 * MS, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))

@@ -80,37 +80,53 @@ def check_times(records):
             assert r["latency_ms"] is None, r
 
 
-def check_accounting(t, sent, records, lost, incomplete):
-    """Every request reported when nothing was lost; otherwise the loss is
-    counted and said, and nothing is reported twice or with wrong times."""
-    check_times(records)
-    by_comm = {c: sum(1 for r in records if r["comm"] == c) for c in sent}
-    if lost == 0:
-        assert by_comm == sent and incomplete == 0
-    else:
-        assert "events lost (ring buffer full)" in t.stderr()
-        assert all(by_comm[c] <= sent[c] for c in sent)
+class LoadRun:
+    """The load driven under a tracer, and what the tracer made of it."""
+
+    def __init__(self, nginx, seconds, *tracer_args, metrics_port=None,
+                 **clients):
+        self.tracer = Tracer(*tracer_args)
+        try:
+            started = time.monotonic()
+            self.sent = drive(nginx, seconds, **clients)
+            self.elapsed = time.monotonic() - started
+            time.sleep(2)
+            self.metrics = None
+            if metrics_port:
+                self.metrics = urllib.request.urlopen(
+                    "http://127.0.0.1:%d/metrics" % metrics_port,
+                    timeout=10).read().decode()
+        finally:
+            assert self.tracer.stop() == 0
+        _reported, _events, self.lost, self.incomplete = \
+            summary(self.tracer.stderr())
+        self.records = [r for r in self.tracer.records() if r["path"] and
+                        r["path"].startswith("/small")]
+        total = sum(self.sent.values())
+        print("\nload: %d requests in %.1f s (%.0f/s): %s; reported %d, lost "
+              "events %d, incomplete %d" % (
+                  total, self.elapsed, total / self.elapsed, self.sent,
+                  len(self.records), self.lost, self.incomplete))
+
+    def check_accounting(self):
+        """Every request reported when nothing was lost; otherwise the loss
+        is counted and said, and nothing is reported twice or with wrong
+        times."""
+        check_times(self.records)
+        by_comm = {c: sum(1 for r in self.records if r["comm"] == c)
+                   for c in self.sent}
+        if self.lost == 0:
+            assert by_comm == self.sent and self.incomplete == 0
+        else:
+            assert "events lost (ring buffer full)" in self.tracer.stderr()
+            assert all(by_comm[c] <= self.sent[c] for c in self.sent)
 
 
 def test_one_curl_one_python(nginx):
     """The benchmark's target load (zero loss is the goal, not yet met on
     this VM when it is busy: see the README)."""
     require_bpf()
-    t = Tracer()
-    try:
-        started = time.monotonic()
-        sent = drive(nginx, min(SECONDS, 20), pythons=1, curls=1)
-        elapsed = time.monotonic() - started
-        time.sleep(2)
-    finally:
-        assert t.stop() == 0
-    _reported, _events, lost, incomplete = summary(t.stderr())
-    records = [r for r in t.records() if r["path"] and
-               r["path"].startswith("/small")]
-    print("\nload 1+1: %d requests in %.1f s: %s; reported %d, lost events "
-          "%d, incomplete %d" % (sum(sent.values()), elapsed, sent,
-                                 len(records), lost, incomplete))
-    check_accounting(t, sent, records, lost, incomplete)
+    LoadRun(nginx, min(SECONDS, 20), pythons=1, curls=1).check_accounting()
 
 
 def test_several_clients_at_full_rate(nginx):
@@ -118,42 +134,18 @@ def test_several_clients_at_full_rate(nginx):
     counts the loss, says so, and what it reports is still right."""
     require_bpf()
     port = free_port()
-    t = Tracer("--prometheus-port", str(port))
-    try:
-        started = time.monotonic()
-        sent = drive(nginx, SECONDS)
-        elapsed = time.monotonic() - started
-        time.sleep(2)
-        metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
-                                         timeout=10).read().decode()
-    finally:
-        assert t.stop() == 0
-    records = [r for r in t.records() if r["path"] and
-               r["path"].startswith("/small")]
-    reported, _events, lost, incomplete = summary(t.stderr())
+    run = LoadRun(nginx, SECONDS, "--prometheus-port", str(port),
+                  metrics_port=port)
     lost_metric = float(re.search(r"^s3slower_lost_events_total (\S+)$",
-                                  metrics, re.M).group(1))
-    total = sum(sent.values())
-    print("\nload: %d requests in %.1f s (%.0f/s): %s; reported %d, lost "
-          "events %d, incomplete %d" % (total, elapsed, total / elapsed, sent,
-                                        len(records), lost, incomplete))
-    assert lost_metric <= lost
-    check_accounting(t, sent, records, lost, incomplete)
+                                  run.metrics, re.M).group(1))
+    assert lost_metric <= run.lost
+    run.check_accounting()
 
 
 def test_losses_counted_never_wrong_times(nginx):
     """A one-page ring buffer under the same load: events are lost; the
     tool says how many, and what it reports still has right times."""
     require_bpf()
-    t = Tracer("--ringbuf-pages", "1")
-    try:
-        sent = drive(nginx, min(SECONDS, 10))
-        time.sleep(2)
-    finally:
-        assert t.stop() == 0
-    reported, events, lost, incomplete = summary(t.stderr())
-    records = [r for r in t.records() if r["path"] and
-               r["path"].startswith("/small")]
-    assert lost > 0 and "events lost (ring buffer full)" in t.stderr()
-    assert len(records) <= sum(sent.values())
-    check_times(records)
+    run = LoadRun(nginx, min(SECONDS, 10), "--ringbuf-pages", "1")
+    assert run.lost > 0
+    run.check_accounting()
