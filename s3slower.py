@@ -48,6 +48,7 @@ examples = """examples:
     ./s3slower.py --comm aws             # only processes named aws
     ./s3slower.py --host-substr amazonaws.com --min-lat-ms 100
     ./s3slower.py --method PUT --op PutObject --bucket logs
+    ./s3slower.py --endpoint s3.example.internal   # BUCKET.s3.example.internal
     ./s3slower.py --libssl /opt/app/lib/libssl.so.3   # add a bundled copy
     ./s3slower.py --openssl              # only OpenSSL-family libraries
     ./s3slower.py --prometheus-port 9464 # also serve metrics on 127.0.0.1:9464
@@ -61,7 +62,6 @@ examples = """examples:
 
 HTTP_METHODS = ("GET", "PUT", "POST", "HEAD", "DELETE", "OPTIONS", "PATCH")
 # The four bytes the kernel checks to see a request start (is_request_start).
-HTTP_METHOD_PREFIXES = frozenset(m[:4].encode().rstrip() for m in HTTP_METHODS)
 
 
 def positive_float(text):
@@ -190,6 +190,11 @@ def build_parser():
                          help="only requests to this bucket")
     filters.add_argument("--min-lat-ms", type=positive_float, default=0.0,
                          metavar="MS", help="only requests at least this slow")
+    filters.add_argument("--endpoint", action="append", default=[],
+                         metavar="DOMAIN",
+                         help="an S3 endpoint whose subdomains are buckets "
+                              "(BUCKET.DOMAIN, virtual-host style), e.g. "
+                              "s3.example.internal; repeatable")
     filters.add_argument("--include-unknown", action="store_true",
                          help="also report exchanges whose request was not "
                               "seen or not parsed (method shown as '-')")
@@ -536,37 +541,248 @@ def discover_libraries(families, extra, pid=None, known=None):
 # BPF program
 # ---------------------------------------------------------------------------
 
-MAX_DATA = 4096           # bytes of one read or write copied to user space
-MAX_WRITE_EVENTS = 4      # writes of a request sent with data
-MAX_READ_EVENTS = 4       # reads of a response sent before user space decides
-WAKE_EVERY = 32           # events per CPU between reader wake-ups
+REQ_CAP = 4096            # bytes of a request head kept for user space
+RESP_CAP = 1024           # bytes of a response head (and error body) kept
+WIN = 512                 # bytes of user memory the parser looks at at once
+STEPS = 64                # automaton steps between two actions ...
+ACTIONS = 4               # ... actions (message start, end) per run ...
+SKIP_WORDS = 128          # words of a skipped header line per action ...
+MAX_RUNS = 32             # ... and runs (tail calls) per read or write
+MAX_INFLIGHT = 2048       # requests sent and not yet answered, host-wide
+WAKE_EVERY = 32           # records per CPU between reader wake-ups
 POLL_MS = 50              # ... and the reader's timer: the output delay
-HEAD_WINDOW = 8192        # ... and any read starting in its first bytes, so
-                          # a head read in tiny pieces still arrives whole
 
-EV_WRITE, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT = 1, 2, 3, 4, 5
-MODE_LENGTH, MODE_CHUNKED, MODE_CLOSE, MODE_PIPELINED = 1, 2, 3, 4
-FLAG_CHUNK_END, FLAG_PIPELINED = 1, 2
+# HTTP/1.x framing as a table-driven automaton. The kernel walks the same
+# tables a byte at a time with no branches but the loop's (the verifier's
+# cost per byte stays small); http_scan() below walks them in Python, so
+# the tables are tested without root.
+
+DFA_STATES = [
+    # Header section. A line either starts a name we need or is skipped.
+    "LINE", "LINE_CR", "SKIP",
+    # Responses start here: "HTTP/" version, then the 3-digit status.
+    "ST_START", "ST_H", "ST_T1", "ST_T2", "ST_P", "ST_SLASH", "ST_VERSION", "ST_SPACE",
+    "ST_D1", "ST_D2", "ST_D3",
+    # "content-length:" value digits; "transfer-encoding:" with "chunked".
+    "CL_VALUE", "CL_DIGIT", "TE_VALUE",
+] + ["CL_NAME%d" % i for i in range(1, 15)] + \
+    ["TE_NAME%d" % i for i in range(1, 18)] + \
+    ["TE_CHUNKED%d" % i for i in range(1, 8)] + [
+    # Chunked body: size line (hex), extensions, CRLF after data, trailers.
+    "CHUNK_SIZE", "CHUNK_DIGIT", "CHUNK_EXT", "CHUNK_LF", "CHUNK_CR",
+    "CHUNK_CRLF", "TRAILER", "TRAILER_CR", "TRAILER_SKIP",
+    # Chunk data: `acc` bytes skipped, not read.
+    "CHUNK_DATA",
+    # Stops: the program acts, then goes on.
+    "HEAD_END", "MESSAGE_END", "BAD",
+]
+D = {name: i for i, name in enumerate(DFA_STATES)}
+DFA_STOP = D["HEAD_END"]          # states from here on stop the scan
+DFA_BITS = 7                      # states fit in 2**DFA_BITS
+CLASS_BITS = 5                    # byte classes fit in 2**CLASS_BITS
+DFA_FLAG_LENGTH, DFA_FLAG_CHUNKED = 1, 2
+
+
+def _dfa_rules():
+    """{state: {byte: next state}} with each state's default under None."""
+    rules = {}
+
+    def rule(state, default, **edges):
+        row = {None: default}
+        for chars, target in edges.values():
+            for ch in chars:
+                row[ord(ch)] = target
+        rules[state] = row
+
+    letters = lambda text: text + text.upper()
+    rule("LINE", "SKIP", nl=("\n", "HEAD_END"), cr=("\r", "LINE_CR"),
+         c=(letters("c"), "CL_NAME1"), t=(letters("t"), "TE_NAME1"))
+    rule("LINE_CR", "SKIP", nl=("\n", "HEAD_END"))
+    rule("SKIP", "SKIP", nl=("\n", "LINE"))
+    for i, name in enumerate(("content-length:", "transfer-encoding:")):
+        prefix = ("CL_NAME", "TE_NAME")[i]
+        value = ("CL_VALUE", "TE_VALUE")[i]
+        for k in range(1, len(name)):
+            ch = name[k]
+            target = value if k == len(name) - 1 else "%s%d" % (prefix, k + 1)
+            rule("%s%d" % (prefix, k), "SKIP", nl=("\n", "LINE"),
+                 m=(letters(ch) if ch.isalpha() else ch, target))
+    digits = "0123456789"
+    for state in ("CL_VALUE", "CL_DIGIT"):
+        rule(state, "SKIP", nl=("\n", "LINE"), sp=(" \t\r", "CL_VALUE"),
+             d=(digits, "CL_DIGIT"))
+    word = "chunked"
+    for k in range(0, 8):
+        state = "TE_VALUE" if k == 0 else "TE_CHUNKED%d" % k
+        edges = dict(nl=("\n", "LINE"), c=(letters("c"), "TE_CHUNKED1"))
+        if k < 7:
+            edges["m"] = (letters(word[k]), "TE_CHUNKED%d" % (k + 1))
+        rule(state, "TE_VALUE", **edges)
+    states = ("ST_START", "ST_H", "ST_T1", "ST_T2", "ST_P", "ST_SLASH")
+    for k, ch in enumerate("HTTP/"):
+        rule(states[k], "BAD", m=(ch, states[k + 1]))
+    rule("ST_SLASH", "ST_VERSION", nl=("\n", "LINE"), sp=(" ", "ST_SPACE"))
+    rule("ST_VERSION", "ST_VERSION", nl=("\n", "LINE"), sp=(" ", "ST_SPACE"))
+    rule("ST_SPACE", "SKIP", nl=("\n", "LINE"), sp=(" ", "ST_SPACE"),
+         d=(digits, "ST_D1"))
+    rule("ST_D1", "SKIP", nl=("\n", "LINE"), d=(digits, "ST_D2"))
+    rule("ST_D2", "SKIP", nl=("\n", "LINE"), d=(digits, "ST_D3"))
+    rule("ST_D3", "SKIP", nl=("\n", "LINE"))
+    hexdigits = "0123456789abcdefABCDEF"
+    rule("CHUNK_SIZE", "BAD", d=(hexdigits, "CHUNK_DIGIT"))
+    rule("CHUNK_DIGIT", "BAD", d=(hexdigits, "CHUNK_DIGIT"),
+         ext=("; \t", "CHUNK_EXT"), cr=("\r", "CHUNK_LF"),
+         nl=("\n", "CHUNK_DATA"))
+    rule("CHUNK_EXT", "CHUNK_EXT", nl=("\n", "CHUNK_DATA"))
+    rule("CHUNK_LF", "BAD", nl=("\n", "CHUNK_DATA"))
+    rule("CHUNK_CRLF", "BAD", cr=("\r", "CHUNK_CR"), nl=("\n", "CHUNK_SIZE"))
+    rule("CHUNK_CR", "BAD", nl=("\n", "CHUNK_SIZE"))
+    rule("TRAILER", "TRAILER_SKIP", nl=("\n", "MESSAGE_END"),
+         cr=("\r", "TRAILER_CR"))
+    rule("TRAILER_CR", "TRAILER_SKIP", nl=("\n", "MESSAGE_END"))
+    rule("TRAILER_SKIP", "TRAILER_SKIP", nl=("\n", "TRAILER"))
+    for state in ["CHUNK_DATA"] + DFA_STATES[DFA_STOP:]:
+        rule(state, state)      # never walked: skipped, or acted on
+    return rules
+
+
+def build_dfa():
+    """The tables the kernel walks, as a dict of byte strings."""
+    rules = _dfa_rules()
+    n = len(DFA_STATES)
+    assert n <= 1 << DFA_BITS
+    full = [[D[rules[s].get(b, rules[s][None])] for s in DFA_STATES]
+            for b in range(256)]
+    # Bytes every state treats alike share a class.
+    classes, byte_class = {}, []
+    for b in range(256):
+        byte_class.append(classes.setdefault(tuple(full[b]), len(classes)))
+    assert len(classes) <= 1 << CLASS_BITS, len(classes)
+    nxt = bytearray(1 << (DFA_BITS + CLASS_BITS))
+    for column, cls in classes.items():
+        for s, target in enumerate(column):
+            nxt[(s << CLASS_BITS) | cls] = target
+    # Entering a state may fold the byte into a number: acc = acc * mul +
+    # add * value(byte) for Content-Length and chunk sizes, and the same
+    # for the status code.
+    size = 1 << DFA_BITS
+    acc_mul, acc_add = bytearray([1] * size), bytearray(size)
+    status_mul, status_add = bytearray([1] * size), bytearray(size)
+    flags, in_head = bytearray(size), bytearray(size)
+    acc_mul[D["CL_DIGIT"]], acc_add[D["CL_DIGIT"]] = 10, 1
+    acc_mul[D["CHUNK_DIGIT"]], acc_add[D["CHUNK_DIGIT"]] = 16, 1
+    for state in ("ST_D1", "ST_D2", "ST_D3"):
+        status_mul[D[state]], status_add[D[state]] = 10, 1
+    flags[D["CL_DIGIT"]] = DFA_FLAG_LENGTH
+    flags[D["TE_CHUNKED7"]] = DFA_FLAG_CHUNKED
+    for name in DFA_STATES:
+        # A byte read in a state counts as head or as body (chunk framing).
+        in_head[D[name]] = not name.startswith(("CHUNK", "TRAILER"))
+    value = bytearray(256)
+    for i, ch in enumerate("0123456789abcdef"):
+        value[ord(ch)] = value[ord(ch.upper())] = i
+    return dict(byte_class=bytes(byte_class), next=bytes(nxt),
+                acc_mul=bytes(acc_mul), acc_add=bytes(acc_add),
+                status_mul=bytes(status_mul), status_add=bytes(status_add),
+                flags=bytes(flags), in_head=bytes(in_head),
+                value=bytes(value))
+
+
+DFA = build_dfa()
+
+
+def http_scan(state, data, acc=0, status=0, flags=0):
+    """Walk the tables over data from state as the kernel's scan() does,
+    to a stop state or the end of data. Returns (state, bytes used, acc,
+    status, flags, head bytes)."""
+    t, pos, head = DFA, 0, 0
+    while state < DFA_STOP:
+        if state == D["CHUNK_DATA"]:
+            if acc == 0:
+                state = D["TRAILER"]
+                continue
+            n = min(len(data) - pos, acc)
+            pos, acc = pos + n, acc - n
+            if acc:
+                break
+            state = D["CHUNK_CRLF"]
+            continue
+        if pos >= len(data):
+            break
+        c = data[pos]
+        head += t["in_head"][state]
+        state = t["next"][(state << CLASS_BITS) | t["byte_class"][c]]
+        acc = acc * t["acc_mul"][state] + t["acc_add"][state] * t["value"][c]
+        status = status * t["status_mul"][state] + \
+            t["status_add"][state] * t["value"][c]
+        flags |= t["flags"][state]
+        pos += 1
+    return state, pos, acc, status, flags, head
+
+
+REC_REQUEST, REC_EXIT = 1, 2
+RF_COMPLETE, RF_HEAD_METHOD, RF_CLOSE_DELIMITED = 1, 2, 4
+STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-#define MAX_DATA __MAX_DATA__
-#define MAX_WRITE_EVENTS __MAX_WRITE_EVENTS__
-#define MAX_READ_EVENTS __MAX_READ_EVENTS__
-#define HEAD_WINDOW __HEAD_WINDOW__
+#define REQ_CAP __REQ_CAP__
+#define RESP_CAP __RESP_CAP__
+#define WIN __WIN__
+#define STEPS __STEPS__
+#define ACTIONS __ACTIONS__
+#define SKIP_WORDS __SKIP_WORDS__
+#define MAX_RUNS __MAX_RUNS__
 #define WAKE_EVERY __WAKE_EVERY__
 #define PLAIN_HTTP __PLAIN_HTTP__
 
-enum { EV_WRITE = 1, EV_READ, EV_DONE, EV_CLOSE, EV_EXIT };
-enum { PHASE_NEW = 0, PHASE_REQ, PHASE_RESP, PHASE_IGNORED };
-enum { MODE_LENGTH = 1, MODE_CHUNKED, MODE_CLOSE, MODE_PIPELINED };
-enum { STAT_LOST = 0, STAT_CALL_COLLISION = 1 };
-enum { FLAG_CHUNK_END = 1, FLAG_PIPELINED = 2 };
+enum { REC_REQUEST = 1, REC_EXIT = 2 };
+enum { RF_COMPLETE = 1, RF_HEAD_METHOD = 2, RF_CLOSE_DELIMITED = 4 };
+enum { STAT_LOST = 0, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED };
+enum { LIB_OPENSSL = 1, LIB_GNUTLS, LIB_NSS, LIB_PLAIN, LIB_GO };
+
+/* HTTP/1.x message framing (RFC 9112), one parser per direction of a
+ * connection. Heads, chunk-size lines and trailers go through an automaton
+ * whose tables user space fills (dfa_tables); bodies and chunk data are
+ * skipped by their length, never read. */
+enum { P_IDLE = 0, P_SCAN, P_SKIP, P_CLOSE };
+enum { __DFA_ENUM__ };
+#define DFA_STOP __DFA_STOP__
+#define DFA_BITS __DFA_BITS__
+#define CLASS_BITS __CLASS_BITS__
+#define DFA_FLAG_LENGTH 1
+#define DFA_FLAG_CHUNKED 2
+
+struct dfa_tables {
+    u8 byte_class[256];
+    u8 next[1 << (DFA_BITS + CLASS_BITS)];
+    u8 acc_mul[1 << DFA_BITS];
+    u8 acc_add[1 << DFA_BITS];
+    u8 status_mul[1 << DFA_BITS];
+    u8 status_add[1 << DFA_BITS];
+    u8 flags[1 << DFA_BITS];
+    u8 in_head[1 << DFA_BITS];
+    u8 value[256];
+};
+
+struct parser {
+    u64 left;           /* P_SKIP: Content-Length body bytes to go */
+    u64 acc;            /* the number being read: Content-Length, a chunk
+                         * size, then the chunk data to go */
+    u64 body;           /* body bytes of this message (chunk framing too) */
+    u32 head;           /* head bytes of this message */
+    u16 status;
+    u8 phase;           /* P_* */
+    u8 dfa;             /* automaton state in P_SCAN */
+    u8 flags;           /* DFA_FLAG_* seen in the head */
+    u8 head_done;
+    u8 pad[2];
+};
 
 /* A connection is whatever handle the library hands its callers: SSL *,
- * gnutls_session_t, PRFileDesc *; later a Go *Conn or a (pid, fd). */
+ * gnutls_session_t, PRFileDesc *, a Go *tls.Conn, a plain socket's fd. */
 struct conn_key {
     u64 handle;
     u32 tgid;
@@ -574,34 +790,67 @@ struct conn_key {
 };
 
 struct conn_state {
-    u64 req_start;      /* entry of the request's first write */
-    u64 req_end;        /* entry of its last write: the server cannot have
-                         * the last byte earlier, so turnaround is never
-                         * below the server's own time */
-    u64 req_bytes;
-    u64 resp_start;     /* return of the response's first read */
-    u64 resp_end;       /* return of its last read */
-    u64 resp_bytes;
-    u32 seq;            /* requests started on this connection */
-    u32 rphase;         /* read phases started: ties user control to one */
-    u16 wr_events;
-    u16 rd_events;
-    u8 phase;
-    u8 chunk_end;       /* last read ended with a chunked terminator */
-    u8 pipelined;       /* a request was sent before the previous response:
-                         * every call goes to user space from then on */
-    u8 pad;
-    char tail[8];       /* last bytes read (7 used): chunked-body end */
+    struct parser req;
+    struct parser resp;
+    u32 sent;           /* requests started on this connection */
+    u32 answered;       /* responses finished: request answered+1 is next */
+    u8 ignored;         /* not HTTP/1.x: never looked at again */
+    u8 pad[7];
 };
 
-/* Set by user space once it has parsed a response head: how the kernel
- * decides alone that the body is complete. */
-struct conn_ctl {
-    u64 expect;         /* MODE_LENGTH: resp_bytes when the body is done */
-    u32 rphase;
-    u8 mode;
-    u8 stream;          /* keep sending read data (error bodies) */
-    u8 pad[2];
+/* One request in flight, and the record user space gets for it: the
+ * request head is kept here until its response ends. */
+struct req_key {
+    struct conn_key conn;
+    u64 seq;
+};
+
+struct record {
+    u64 req_start;      /* entry of the request's first write */
+    u64 req_end;        /* entry of its last write: the server cannot have
+                         * the last byte earlier */
+    u64 resp_start;     /* return of the read with the final response's
+                         * first byte (after any 1xx) */
+    u64 resp_end;       /* return of the read with its last byte */
+    u64 req_bytes;      /* request body bytes */
+    u64 resp_bytes;     /* response body bytes, chunk framing included */
+    u64 handle;
+    u32 tgid;
+    u32 tid;
+    u32 seq;
+    u32 req_head;       /* request head bytes (may exceed req_cap) */
+    u32 resp_head;
+    u16 status;
+    u16 req_cap;        /* bytes of req_data filled */
+    u16 resp_cap;
+    u8 type;
+    u8 lib;
+    u8 flags;           /* RF_* */
+    u8 pad[3];
+    char comm[TASK_COMM_LEN];
+    char resp_data[RESP_CAP];
+    char req_data[REQ_CAP];
+};
+
+/* One read or write being parsed, carried across the parser's runs. */
+struct work {
+    struct conn_key key;
+    u64 buf;            /* current segment */
+    u64 len;
+    u64 pos;
+    u64 iov;            /* next iovec, for readv/writev/msghdr calls */
+    u64 rest;           /* bytes of the call after this segment */
+    u64 start;          /* entry of the call */
+    u64 now;            /* its return */
+    u64 win_start;      /* segment offset of win[0] */
+    u32 win_len;
+    u32 iov_left;
+    u32 runs;
+    u8 is_read;
+    u8 captured;        /* this segment was copied into the record */
+    u8 eof;
+    u8 pad;
+    char win[WIN + 8];
 };
 
 struct call_args {
@@ -610,43 +859,25 @@ struct call_args {
     u64 sizep;          /* *_ex variants: where the byte count is stored */
     u64 start;
     u64 sp;             /* stack pointer at entry: tells nested calls apart */
+    u64 iov;            /* syscalls with an iovec array: the array */
+    u32 iovcnt;
     u32 lib;
-    u32 copy_max;       /* bytes readable at buf (first iovec); 0: all */
-};
-
-struct event {
-    u64 ts;
-    u64 handle;
-    u32 tgid;
-    u32 tid;
-    u32 len;            /* bytes this call moved */
-    u32 cap;            /* bytes of data[] filled */
-    u32 seq;
-    u32 rphase;
-    u8 type;
-    u8 lib;
-    u8 flags;
-    u8 pad[5];
-    u64 req_start;
-    u64 req_end;
-    u64 req_bytes;
-    u64 resp_start;
-    u64 resp_end;
-    u64 resp_bytes;
-    char comm[TASK_COMM_LEN];
-    char data[MAX_DATA];
 };
 
 /* LRU everywhere: a thread killed inside SSL_read, a connection never
  * freed, a process that exits uncleanly must not fill a map for good. */
 BPF_TABLE("lru_hash", u32, struct call_args, calls, 16384);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_state, conns, __MAX_CONNS__);
-BPF_TABLE("lru_hash", struct conn_key, struct conn_ctl, ctls, __MAX_CONNS__);
+BPF_TABLE("lru_hash", struct req_key, struct record, inflight, __MAX_INFLIGHT__);
 BPF_TABLE("lru_hash", u32, u8, procs, 16384);
-BPF_PERCPU_ARRAY(scratch, struct event, 1);
+BPF_PERCPU_ARRAY(works, struct work, 1);
+BPF_ARRAY(dfa, struct dfa_tables, 1);
+BPF_PERCPU_ARRAY(blank, struct record, 1);
 BPF_PERCPU_ARRAY(wakeups, u32, 1);
 BPF_ARRAY(stats, u64, 4);
-BPF_RINGBUF_OUTPUT(events, __RINGBUF_PAGES__);
+BPF_RINGBUF_OUTPUT(records, __RINGBUF_PAGES__);
+BPF_PROG_ARRAY(uprobe_parser, 1);
+BPF_PROG_ARRAY(tracepoint_parser, 1);
 
 static __always_inline int pass_filters(u32 tgid)
 {
@@ -663,11 +894,29 @@ static __always_inline int pass_filters(u32 tgid)
             (v) = (max);                        \
     } while (0)
 
+/* The compiler must load loop state from memory again: the verifier then
+ * knows as little about it at every loop head, and one walk of a loop step
+ * stands for all the paths that reach it (linear verification cost). */
+#define forget_registers() asm volatile("" ::: "memory")
+
 static __always_inline void count_stat(int idx)
 {
     u64 *v = stats.lookup(&idx);
     if (v)
         __sync_fetch_and_add(v, 1);
+}
+
+static __always_inline u64 wake_flag(void)
+{
+    /* Wake the reader once per WAKE_EVERY records on this CPU; it also
+     * polls on a timer. A wake-up per record costs more than the record. */
+    u32 zero = 0;
+    u32 *pending = wakeups.lookup(&zero);
+    if (pending && ++*pending >= WAKE_EVERY) {
+        *pending = 0;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return BPF_RB_NO_WAKEUP;
 }
 
 /* First bytes of an HTTP/1.x request line. */
@@ -685,52 +934,541 @@ static __always_inline int is_request_start(const char *p)
     return 0;
 }
 
-static __always_inline void send_event(u8 type, struct conn_key *k,
-                                       struct conn_state *s, u64 now,
-                                       u32 len, u64 copy, u64 buf, u8 flags)
+static __always_inline struct record *find_record(struct conn_key *k, u32 seq)
+{
+    struct req_key rk = {.conn = *k, .seq = seq};
+    return inflight.lookup(&rk);
+}
+
+/* Hand a record to user space and forget it. */
+static __always_inline void emit(struct conn_key *k, struct record *r, u8 flags)
+{
+    r->type = REC_REQUEST;
+    r->flags |= flags;
+    u64 size = offsetof(struct record, req_data) + r->req_cap;
+    bound_value(size, sizeof(*r));
+    if (records.ringbuf_output(r, size, wake_flag()) != 0)
+        count_stat(STAT_LOST);
+    struct req_key rk = {.conn = *k, .seq = r->seq};
+    inflight.delete(&rk);
+}
+
+/* Every request of a connection still waiting for its response: the
+ * connection ended. A close-delimited body ends here, complete. */
+static __always_inline void end_conn(struct conn_key *k, struct conn_state *s)
+{
+    for (int i = 0; i < 8; i++) {
+        u32 seq = s->answered + 1 + i;
+        if (seq > s->sent)
+            break;
+        struct record *r = find_record(k, seq);
+        if (!r)
+            continue;
+        emit(k, r, i == 0 && s->resp.phase == P_CLOSE ? RF_COMPLETE : 0);
+    }
+    conns.delete(k);
+}
+
+static __always_inline void reset_parser(struct parser *p, u8 phase, u8 state)
+{
+    p->left = 0;
+    p->acc = 0;
+    p->body = 0;
+    p->head = 0;
+    p->status = 0;
+    p->phase = phase;
+    p->dfa = state;
+    p->flags = 0;
+    p->head_done = 0;
+}
+
+/* Copy what the segment holds from pos on into the record, once. */
+static __always_inline void capture(struct work *w, struct record *r)
+{
+    if (w->captured)
+        return;
+    w->captured = 1;
+    u64 avail = w->len - w->pos;
+    if (w->is_read) {
+        u64 off = r->resp_cap;
+        if (off >= RESP_CAP)
+            return;
+        if (avail > RESP_CAP - off)
+            avail = RESP_CAP - off;
+        bound_value(off, RESP_CAP - 1);
+        bound_value(avail, RESP_CAP);
+        if (bpf_probe_read_user(&r->resp_data[off], avail,
+                                (void *)(w->buf + w->pos)) == 0)
+            r->resp_cap = off + avail;
+    } else {
+        /* A head written in pieces is appended up to half the buffer per
+         * write: bounds the verifier can see stay inside the record. */
+        u64 off = r->req_cap;
+        if (off == 0) {
+            bound_value(avail, REQ_CAP);
+            if (bpf_probe_read_user(r->req_data, avail,
+                                    (void *)(w->buf + w->pos)) == 0)
+                r->req_cap = avail;
+        } else if (off < REQ_CAP / 2) {
+            bound_value(off, REQ_CAP / 2 - 1);
+            bound_value(avail, REQ_CAP / 2);
+            if (bpf_probe_read_user(&r->req_data[off], avail,
+                                    (void *)(w->buf + w->pos)) == 0)
+                r->req_cap = off + avail;
+        }
+    }
+}
+
+/* Counters of the message being parsed, into its record. */
+static __always_inline void commit(struct work *w, struct conn_state *s)
+{
+    if (w->is_read) {
+        if (s->resp.phase == P_IDLE || s->answered >= s->sent)
+            return;
+        struct record *r = find_record(&w->key, s->answered + 1);
+        if (!r)
+            return;
+        r->resp_bytes = s->resp.body;
+        r->resp_head = s->resp.head;
+        r->status = s->resp.status;
+        r->resp_end = w->now;
+    } else {
+        if (s->sent == 0 || s->answered >= s->sent)
+            return;
+        struct record *r = find_record(&w->key, s->sent);
+        if (!r)
+            return;
+        r->req_bytes = s->req.body;
+        r->req_head = s->req.head;
+        r->req_end = w->start;
+    }
+}
+
+static __always_inline void request_done(struct work *w, struct conn_state *s)
+{
+    commit(w, s);
+    s->req.phase = P_IDLE;
+}
+
+static __always_inline void response_done(struct work *w, struct conn_state *s)
+{
+    commit(w, s);
+    struct record *r = find_record(&w->key, s->answered + 1);
+    if (r)
+        emit(&w->key, r, RF_COMPLETE);
+    else
+        count_stat(STAT_EVICTED);
+    s->answered++;
+    if (s->resp.status == 101)
+        s->ignored = 1;   /* switched protocols: no more HTTP/1.x */
+    s->resp.phase = P_IDLE;
+    /* Answered before its body was all sent (an error instead of
+     * 100 Continue): the rest of that body will not come. */
+    if (s->answered == s->sent)
+        s->req.phase = P_IDLE;
+}
+
+static __always_inline void message_done(struct work *w, struct conn_state *s)
+{
+    if (w->is_read)
+        response_done(w, s);
+    else
+        request_done(w, s);
+}
+
+/* Give up on a connection whose bytes the parser cannot follow. */
+static __always_inline void unparsed(struct work *w, struct conn_state *s)
+{
+    count_stat(STAT_UNPARSED);
+    commit(w, s);
+    end_conn(&w->key, s);
+    struct conn_state ignored = {.ignored = 1};
+    conns.update(&w->key, &ignored);
+}
+
+/* The empty line after a head: how the body is framed. */
+static __always_inline void head_done(struct work *w, struct conn_state *s,
+                                      struct parser *p)
+{
+    p->head_done = 1;
+    u64 length = p->acc;
+    p->acc = 0;
+    if (!w->is_read) {
+        if (p->flags & DFA_FLAG_CHUNKED) {
+            p->dfa = CHUNK_SIZE;
+        } else if ((p->flags & DFA_FLAG_LENGTH) && length) {
+            p->phase = P_SKIP;
+            p->left = length;
+        } else {
+            request_done(w, s);
+        }
+        return;
+    }
+    u16 status = p->status;
+    struct record *r = find_record(&w->key, s->answered + 1);
+    if (status >= 100 && status < 200 && status != 101) {
+        /* An interim response (100 Continue): the final one follows, and
+         * its first byte is the one that counts. */
+        reset_parser(p, P_IDLE, 0);
+        if (r)
+            r->resp_cap = 0;
+        w->captured = 0;
+    } else if ((r && (r->flags & RF_HEAD_METHOD)) || status == 204 ||
+               status == 304 || status == 101 || status < 100) {
+        response_done(w, s);
+    } else if (p->flags & DFA_FLAG_CHUNKED) {
+        p->dfa = CHUNK_SIZE;
+    } else if (p->flags & DFA_FLAG_LENGTH) {
+        if (length) {
+            p->phase = P_SKIP;
+            p->left = length;
+        } else {
+            response_done(w, s);
+        }
+    } else {
+        p->phase = P_CLOSE;
+        if (r)
+            r->flags |= RF_CLOSE_DELIMITED;
+    }
+}
+
+/* A message starts at pos: a request line, or the response to the oldest
+ * request not yet answered. 0 when the bytes cannot be read. */
+static __always_inline int start_message(struct work *w, struct conn_state *s,
+                                         struct parser *p)
+{
+    u64 avail = w->len - w->pos;
+    if (!w->is_read) {
+        char m[4] = {};
+        if (avail >= 4)
+            bpf_probe_read_user(m, sizeof(m), (void *)(w->buf + w->pos));
+        if (!is_request_start(m)) {
+            /* Not a request line: more body of the last request (a body
+             * without framing), or nothing we follow. */
+            if (s->sent > s->answered) {
+                p->body += avail;
+                commit(w, s);
+            }
+            w->pos = w->len;
+            return 1;
+        }
+        u32 zero = 0;
+        struct record *b = blank.lookup(&zero);
+        if (!b)
+            return 0;
+        s->sent++;
+        b->req_start = w->start;
+        b->req_end = w->start;
+        b->resp_start = 0;
+        b->resp_end = 0;
+        b->req_bytes = 0;
+        b->resp_bytes = 0;
+        b->handle = w->key.handle;
+        b->tgid = w->key.tgid;
+        b->tid = (u32)bpf_get_current_pid_tgid();
+        b->seq = s->sent;
+        b->req_head = 0;
+        b->resp_head = 0;
+        b->status = 0;
+        b->req_cap = 0;
+        b->resp_cap = 0;
+        b->lib = w->key.lib;
+        b->flags = m[0] == 'H' ? RF_HEAD_METHOD : 0;
+        bpf_get_current_comm(&b->comm, sizeof(b->comm));
+        struct req_key rk = {.conn = w->key, .seq = s->sent};
+        inflight.update(&rk, b);
+        reset_parser(p, P_SCAN, SKIP);   /* past the request line */
+    } else {
+        if (s->answered >= s->sent) {
+            w->pos = w->len;          /* nothing asked: not a response */
+            return 1;
+        }
+        reset_parser(p, P_SCAN, ST_START);
+        struct record *r = find_record(&w->key, s->answered + 1);
+        if (r) {
+            r->resp_start = w->now;
+            r->resp_cap = 0;
+        }
+    }
+    w->captured = 0;
+    return 1;
+}
+
+/* Up to STEPS bytes through the automaton; chunk data is skipped. Every
+ * value the loop carries lives in the map values, not in registers: the
+ * verifier then sees the same state at the top of each step, whatever
+ * path the step took, and its work grows with STEPS only linearly. */
+static __always_inline void scan(struct work *w, struct parser *p,
+                                 struct dfa_tables *t)
+{
+    for (int i = 0; i < STEPS; i++) {
+        forget_registers();
+        u32 st = p->dfa;
+        u64 pos = w->pos;
+        if (st >= DFA_STOP)
+            break;
+        if (st == CHUNK_DATA) {
+            u64 acc = p->acc;
+            if (acc == 0) {
+                p->dfa = TRAILER;       /* the last chunk */
+                continue;
+            }
+            u64 n = w->len - pos < acc ? w->len - pos : acc;
+            w->pos = pos + n;
+            p->acc = acc - n;
+            p->body += n;
+            if (acc - n)
+                break;                  /* the chunk goes on in a later read */
+            p->dfa = CHUNK_CRLF;
+            continue;
+        }
+        if (pos >= w->len)
+            break;
+        if (pos >= w->win_start + w->win_len) {
+            u64 n = w->len - pos;
+            bound_value(n, WIN);
+            if (bpf_probe_read_user(w->win, n, (void *)(w->buf + pos)) != 0) {
+                p->dfa = BAD;
+                break;
+            }
+            w->win_start = pos;
+            w->win_len = n;
+        }
+        u8 c = w->win[(pos - w->win_start) & (WIN - 1)];
+        u32 in_head = t->in_head[st & ((1 << DFA_BITS) - 1)] & 1;
+        p->head += in_head;
+        p->body += 1 - in_head;
+        u32 k = t->next[((st << CLASS_BITS) | t->byte_class[c]) &
+                        ((1 << (DFA_BITS + CLASS_BITS)) - 1)];
+        k &= (1 << DFA_BITS) - 1;
+        p->dfa = k;
+        p->acc = p->acc * t->acc_mul[k] + t->acc_add[k] * t->value[c];
+        p->status = p->status * t->status_mul[k] +
+                    t->status_add[k] * t->value[c];
+        p->flags |= t->flags[k];
+        w->pos = pos + 1;
+    }
+}
+
+/* A header line nobody needs, eight bytes at a time, up to the word that
+ * holds its newline (the automaton takes it from there). */
+static __always_inline void skip_line(struct work *w, struct parser *p)
+{
+    for (int i = 0; i < SKIP_WORDS; i++) {
+        forget_registers();
+        u64 pos = w->pos;
+        if (pos + 8 > w->win_start + w->win_len) {
+            if (pos + 8 > w->len)
+                return;
+            u64 n = w->len - pos;
+            bound_value(n, WIN);
+            if (bpf_probe_read_user(w->win, n, (void *)(w->buf + pos)) != 0)
+                return;
+            w->win_start = pos;
+            w->win_len = n;
+        }
+        u64 v = *(u64 *)&w->win[(pos - w->win_start) & (WIN - 1)];
+        v ^= 0x0a0a0a0a0a0a0a0aULL;
+        if ((v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL)
+            return;
+        w->pos = pos + 8;
+        p->head += 8;
+    }
+}
+
+/* The next iovec of a vectored call; 0 when the call's bytes are done. */
+static __always_inline int next_segment(struct work *w)
+{
+    if (!w->iov_left || !w->rest)
+        return 0;
+    u64 seg[2] = {};
+    if (bpf_probe_read_user(seg, sizeof(seg), (void *)w->iov) != 0)
+        return 0;
+    w->iov += sizeof(seg);
+    w->iov_left--;
+    w->buf = seg[0];
+    w->len = seg[1] < w->rest ? seg[1] : w->rest;
+    w->rest -= w->len;
+    w->pos = 0;
+    w->win_start = 0;
+    w->win_len = 0;
+    w->captured = 0;
+    return 1;
+}
+
+/* One run of the parser; 1 when the call has more to parse. */
+static __always_inline int parse_run(void)
 {
     u32 zero = 0;
-    struct event *e = scratch.lookup(&zero);
-    if (!e)
+    struct work *w = works.lookup(&zero);
+    struct dfa_tables *t = dfa.lookup(&zero);
+    if (!w || !t)
+        return 0;
+    struct conn_state *s = conns.lookup(&w->key);
+    if (!s || s->ignored)
+        return 0;
+    for (int i = 0; i < ACTIONS; i++) {
+        struct parser *p = w->is_read ? &s->resp : &s->req;
+        if (w->pos >= w->len && !next_segment(w)) {
+            commit(w, s);
+            if (w->eof)
+                end_conn(&w->key, s);
+            return 0;
+        }
+        if (!w->captured && p->phase != P_IDLE &&
+            (!p->head_done || (w->is_read && p->status >= 300))) {
+            /* A head that goes on in this segment, or an error body. */
+            struct record *r = find_record(&w->key, w->is_read ?
+                                           s->answered + 1 : s->sent);
+            if (r)
+                capture(w, r);
+        }
+        if (p->phase == P_IDLE) {
+            if (!start_message(w, s, p)) {
+                unparsed(w, s);
+                return 0;
+            }
+        } else if (p->phase == P_SKIP) {
+            u64 avail = w->len - w->pos;
+            u64 n = p->left < avail ? p->left : avail;
+            w->pos += n;
+            p->left -= n;
+            p->body += n;
+            if (!p->left)
+                message_done(w, s);
+        } else if (p->phase == P_CLOSE) {
+            p->body += w->len - w->pos;
+            w->pos = w->len;
+        } else {
+            if (p->dfa == SKIP)
+                skip_line(w, p);
+            scan(w, p, t);
+            if (p->dfa == HEAD_END)
+                head_done(w, s, p);
+            else if (p->dfa == MESSAGE_END)
+                message_done(w, s);
+            else if (p->dfa == BAD) {
+                unparsed(w, s);
+                return 0;
+            }
+        }
+        if (s->ignored)
+            return 0;
+    }
+    if (++w->runs < MAX_RUNS)
+        return 1;
+    unparsed(w, s);
+    return 0;
+}
+
+/* The parser program runs again by tail call, up to MAX_RUNS times, so a
+ * read of many small chunks is followed whole. A failed tail call (none
+ * left) gives up on the connection. */
+static __always_inline void parse_more_failed(void)
+{
+    u32 zero = 0;
+    struct work *w = works.lookup(&zero);
+    if (!w)
         return;
+    struct conn_state *s = conns.lookup(&w->key);
+    if (s)
+        unparsed(w, s);
+}
+
+int parse_uprobe(struct pt_regs *ctx)
+{
+    if (parse_run()) {
+        uprobe_parser.call(ctx, 0);
+        parse_more_failed();
+    }
+    return 0;
+}
+
+#if PLAIN_HTTP
+int parse_tracepoint(void *ctx)
+{
+    if (parse_run()) {
+        tracepoint_parser.call(ctx, 0);
+        parse_more_failed();
+    }
+    return 0;
+}
+#endif
+
+/* A read or write of n bytes returned: hand it to the parser. Writes
+ * decide whether a new connection is HTTP/1.x at all. */
+static __always_inline struct work *begin_io(struct call_args *a, u64 n,
+                                             int is_read, int eof)
+{
     u64 id = bpf_get_current_pid_tgid();
-    e->ts = now;
-    e->handle = k->handle;
-    e->tgid = k->tgid;
-    e->tid = (u32)id;
-    e->len = len;
-    e->seq = s->seq;
-    e->rphase = s->rphase;
-    e->type = type;
-    e->lib = k->lib;
-    e->flags = flags;
-    e->req_start = s->req_start;
-    e->req_end = s->req_end;
-    e->req_bytes = s->req_bytes;
-    e->resp_start = s->resp_start;
-    e->resp_end = s->resp_end;
-    e->resp_bytes = s->resp_bytes;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
-    u64 cap = 0;
-    if (buf) {
-        cap = copy;
-        bound_value(cap, MAX_DATA);
-        if (bpf_probe_read_user(&e->data, cap, (void *)buf) != 0)
-            cap = 0;
+    u32 tgid = id >> 32;
+    struct conn_key k = {.handle = a->handle, .tgid = tgid, .lib = a->lib};
+    struct conn_state *s = conns.lookup(&k);
+    if (is_read) {
+        if (!s || s->ignored || s->answered >= s->sent)
+            return 0;
+        if (n == 0) {
+            if (eof)
+                end_conn(&k, s);
+            return 0;
+        }
+    } else {
+        if (n == 0)
+            return 0;
+        if (!s) {
+            /* A connection that does not open with an HTTP request is not
+             * HTTP/1.x (HTTP/2, another protocol): ignored from now on. */
+            char head[4] = {};
+            u64 first = a->buf;
+            if (a->iov)
+                bpf_probe_read_user(&first, sizeof(first), (void *)a->iov);
+            if (n >= 4)
+                bpf_probe_read_user(head, sizeof(head), (void *)first);
+            struct conn_state fresh = {};
+            fresh.ignored = !is_request_start(head);
+            conns.update(&k, &fresh);
+            if (fresh.ignored)
+                return 0;
+            u8 one = 1;
+            procs.update(&tgid, &one);
+            s = conns.lookup(&k);
+            if (!s)
+                return 0;
+        }
+        if (s->ignored)
+            return 0;
     }
-    e->cap = cap;
-    u64 size = offsetof(struct event, data) + cap;
-    bound_value(size, sizeof(*e));
-    /* Wake the reader once per WAKE_EVERY events on this CPU; it also polls
-     * on a timer. A wake-up per event costs more than handling the event. */
-    u64 wake = BPF_RB_NO_WAKEUP;
-    u32 *pending = wakeups.lookup(&zero);
-    if (pending && ++*pending >= WAKE_EVERY) {
-        *pending = 0;
-        wake = BPF_RB_FORCE_WAKEUP;
+    u32 zero = 0;
+    struct work *w = works.lookup(&zero);
+    if (!w)
+        return 0;
+    w->key = k;
+    w->start = a->start;
+    w->now = bpf_ktime_get_ns();
+    w->is_read = is_read;
+    w->eof = 0;
+    w->runs = 0;
+    w->pos = 0;
+    w->win_start = 0;
+    w->win_len = 0;
+    w->captured = 0;
+    if (a->iov) {
+        /* The call moved n bytes over its iovecs: walk them up to n. */
+        u64 seg[2] = {};
+        bpf_probe_read_user(seg, sizeof(seg), (void *)a->iov);
+        w->buf = seg[0];
+        w->len = seg[1] < n ? seg[1] : n;
+        w->rest = n - w->len;
+        w->iov = a->iov + sizeof(seg);
+        w->iov_left = a->iovcnt > 1 ? a->iovcnt - 1 : 0;
+    } else {
+        w->buf = a->buf;
+        w->len = n;
+        w->iov = 0;
+        w->rest = 0;
+        w->iov_left = 0;
     }
-    if (events.ringbuf_output(e, size, wake) != 0)
-        count_stat(STAT_LOST);
+    return w;
 }
 
 /* NSPR does all I/O through PR_Write/PR_Read, files and pipes included.
@@ -750,13 +1488,13 @@ static __always_inline int enter_io(struct pt_regs *ctx, u32 lib, u64 handle,
     u32 tgid = id >> 32, tid = (u32)id;
     if (!handle || !pass_filters(tgid))
         return 0;
-    if (lib == 3 && !nspr_layered(handle))
+    if (lib == LIB_NSS && !nspr_layered(handle))
         return 0;
     if (is_read) {
-        /* Reads only matter on connections that already sent HTTP. */
+        /* Reads only matter on connections waiting for a response. */
         struct conn_key k = {.handle = handle, .tgid = tgid, .lib = lib};
         struct conn_state *s = conns.lookup(&k);
-        if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
+        if (!s || s->ignored || s->answered >= s->sent)
             return 0;
     }
     struct call_args a = {.handle = handle, .buf = buf, .sizep = sizep,
@@ -765,240 +1503,45 @@ static __always_inline int enter_io(struct pt_regs *ctx, u32 lib, u64 handle,
     /* An outer call of the same thread is in progress (a library entry
      * point calling another one): the outer call is the one we report. */
     if (calls.insert(&tid, &a) != 0)
-        count_stat(STAT_CALL_COLLISION);
+        count_stat(STAT_COLLISION);
     return 0;
 }
 
-/* Bytes moved by the call that is returning, or 0. */
-static __always_inline u64 returned_bytes(struct pt_regs *ctx,
-                                          struct call_args *a)
-{
-    /* OpenSSL and NSPR return int; only GnuTLS returns ssize_t. */
-    long ret = a->lib == 2 ? (long)PT_REGS_RC(ctx) : (long)(int)PT_REGS_RC(ctx);
-    if (a->sizep) {
-        if (ret != 1)
-            return 0;
-        u64 n = 0;
-        bpf_probe_read_user(&n, sizeof(n), (void *)a->sizep);
-        return n;
-    }
-    return ret > 0 ? (u64)ret : 0;
-}
-
-static __always_inline int take_call(struct pt_regs *ctx, struct call_args *out)
+static __always_inline int exit_io(struct pt_regs *ctx, int is_read)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct call_args *a = calls.lookup(&tid);
-    if (!a)
+    struct call_args *ap = calls.lookup(&tid);
+    if (!ap)
         return 0;
     /* A uretprobe sees the stack pointer just above the return address:
      * only the call that stored these arguments may take them. */
-    if (PT_REGS_SP(ctx) != a->sp + 8)
+    if (PT_REGS_SP(ctx) != ap->sp + 8)
         return 0;
-    *out = *a;
+    struct call_args a = *ap;
     calls.delete(&tid);
-    return 1;
-}
-
-/* n more request bytes, from a call that started at start. */
-static __always_inline void count_request_bytes(struct conn_state *s,
-                                                u64 start, u64 n)
-{
-    if (s->phase == PHASE_RESP) {
-        /* More request body after an interim response (100 Continue):
-         * the final response starts a new read phase. */
-        s->phase = PHASE_REQ;
-        s->resp_start = 0;
-        s->resp_end = 0;
-        s->resp_bytes = 0;
-        s->rd_events = 0;
-        s->chunk_end = 0;
+    /* OpenSSL and NSPR return int; only GnuTLS returns ssize_t. 0 is the
+     * end of the connection, except for the _ex calls (1 or 0). */
+    long ret = a.lib == LIB_GNUTLS ? (long)PT_REGS_RC(ctx)
+                                   : (long)(int)PT_REGS_RC(ctx);
+    u64 n = ret > 0 ? (u64)ret : 0;
+    int eof = ret == 0 && !a.sizep;
+    if (a.sizep) {
+        n = 0;
+        if (ret == 1)
+            bpf_probe_read_user(&n, sizeof(n), (void *)a.sizep);
     }
-    s->req_end = start;
-    s->req_bytes += n;
-}
-
-static __always_inline int handle_write(struct call_args *ap, u64 n)
-{
-    struct call_args a = *ap;
-    if (n == 0)
-        return 0;
-    u64 copy = n;
-    if (a.copy_max && copy > a.copy_max)
-        copy = a.copy_max;
-    u64 now = bpf_ktime_get_ns();
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct conn_key k = {.handle = a.handle, .tgid = tgid, .lib = a.lib};
-    char head[4] = {};
-    if (copy >= 4)
-        bpf_probe_read_user(head, sizeof(head), (void *)a.buf);
-    int is_req = is_request_start(head);
-
-    struct conn_state *s = conns.lookup(&k);
-    if (!s) {
-        struct conn_state fresh = {};
-        /* A connection that does not open with an HTTP request is not
-         * HTTP/1.x (HTTP/2, another protocol): ignored from now on. */
-        fresh.phase = is_req ? PHASE_NEW : PHASE_IGNORED;
-        conns.update(&k, &fresh);
-        /* A handle reused for a new connection must not inherit the
-         * control user space set for the old one. */
-        ctls.delete(&k);
-        if (!is_req)
-            return 0;
-        u8 one = 1;
-        procs.update(&tgid, &one);
-        s = conns.lookup(&k);
-        if (!s)
-            return 0;
-    }
-    if (s->phase == PHASE_IGNORED)
-        return 0;
-    /* A request while the previous one has no response yet, or after user
-     * space found several requests in one write: HTTP pipelining. Stream
-     * offsets replace per-request counters from then on. */
-    if (is_req && !s->pipelined) {
-        struct conn_ctl *c = ctls.lookup(&k);
-        if (s->phase == PHASE_REQ || (c && c->mode == MODE_PIPELINED))
-            s->pipelined = 1;
-    }
-    if (s->pipelined) {
-        s->req_end = a.start;
-        s->req_bytes += n;
-        send_event(EV_WRITE, &k, s, now, n, copy, a.buf, FLAG_PIPELINED);
-        return 0;
-    }
-    if (is_req) {
-        s->seq++;
-        s->phase = PHASE_REQ;
-        s->req_start = a.start;
-        s->req_bytes = 0;
-        s->wr_events = 0;
-        s->resp_start = 0;
-        s->resp_end = 0;
-        s->resp_bytes = 0;
-        s->rd_events = 0;
-        s->chunk_end = 0;
-    }
-    count_request_bytes(s, a.start, n);
-    if (s->wr_events < MAX_WRITE_EVENTS || is_req) {
-        s->wr_events++;
-        send_event(EV_WRITE, &k, s, now, n, copy, a.buf, 0);
-    }
+    if (begin_io(&a, n, is_read, eof))
+        uprobe_parser.call(ctx, 0);
     return 0;
 }
 
-static __always_inline int exit_write(struct pt_regs *ctx)
-{
-    struct call_args a;
-    if (!take_call(ctx, &a))
-        return 0;
-    return handle_write(&a, returned_bytes(ctx, &a));
-}
-
-/* Keep the last 7 bytes the connection read, across reads, and tell
- * whether they end a chunked body: "\r\n0\r\n\r\n" (the head's own
- * CRLF counts for an empty body). Trailers are not supported. */
-static __always_inline u8 ends_chunked(struct conn_state *s, u64 buf, u64 n)
-{
-    char t[7] = {};
-    u64 take = n < 7 ? n : 7;
-    bound_value(take, 7);
-    if (take && bpf_probe_read_user(t, take, (void *)(buf + n - take)) != 0)
-        take = 0;
-#pragma unroll
-    for (int i = 0; i < 7; i++) {
-        if (i < take) {
-#pragma unroll
-            for (int j = 0; j < 6; j++)
-                s->tail[j] = s->tail[j + 1];
-            s->tail[6] = t[i];
-        }
-    }
-    return s->tail[0] == '\r' && s->tail[1] == '\n' && s->tail[2] == '0' &&
-           s->tail[3] == '\r' && s->tail[4] == '\n' && s->tail[5] == '\r' &&
-           s->tail[6] == '\n';
-}
-
-static __always_inline int handle_read(struct call_args *ap, u64 n)
-{
-    struct call_args a = *ap;
-    if (n == 0)
-        return 0;
-    u64 copy = n;
-    if (a.copy_max && copy > a.copy_max)
-        copy = a.copy_max;
-    u64 now = bpf_ktime_get_ns();
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct conn_key k = {.handle = a.handle, .tgid = tgid, .lib = a.lib};
-    struct conn_state *s = conns.lookup(&k);
-    if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
-        return 0;
-    struct conn_ctl *c = ctls.lookup(&k);
-    if (c && c->mode == MODE_PIPELINED)
-        s->pipelined = 1;   /* user space saw several requests in one write */
-    if (s->pipelined) {
-        if (!s->resp_start)
-            s->resp_start = now;
-        s->resp_bytes += n;
-        s->resp_end = now;
-        send_event(EV_READ, &k, s, now, n, copy, a.buf, FLAG_PIPELINED);
-        return 0;
-    }
-    if (s->phase == PHASE_REQ) {
-        s->phase = PHASE_RESP;
-        s->rphase++;
-        s->resp_start = now;
-        s->resp_bytes = 0;
-        s->rd_events = 0;
-    }
-    u64 before = s->resp_bytes;
-    s->resp_bytes += n;
-    s->resp_end = now;
-    s->chunk_end = ends_chunked(s, a.buf, copy);
-
-    u8 type = EV_READ;
-    int emit = s->rd_events < MAX_READ_EVENTS || before < HEAD_WINDOW;
-    if (c && c->rphase == s->rphase) {
-        emit = c->stream;
-        if ((c->mode == MODE_LENGTH && before < c->expect &&
-             s->resp_bytes >= c->expect) ||
-            (c->mode == MODE_CHUNKED && s->chunk_end)) {
-            type = EV_DONE;
-            emit = 1;
-        }
-    }
-    if (s->rd_events < 0xffff)
-        s->rd_events++;
-    if (emit)
-        send_event(type, &k, s, now, n, copy, a.buf,
-                   s->chunk_end ? FLAG_CHUNK_END : 0);
-    return 0;
-}
-
-static __always_inline int exit_read(struct pt_regs *ctx)
-{
-    struct call_args a;
-    if (!take_call(ctx, &a))
-        return 0;
-    return handle_read(&a, returned_bytes(ctx, &a));
-}
-
-static __always_inline int close_conn(struct pt_regs *ctx, u32 lib, u64 handle)
+static __always_inline int close_conn(u32 lib, u64 handle)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct conn_key k = {.handle = handle, .tgid = tgid, .lib = lib};
     struct conn_state *s = conns.lookup(&k);
-    if (!s)
-        return 0;
-    /* The close carries the final counters and the chunked-end flag: user
-     * space may not have parsed the response head yet. */
-    if (s->phase == PHASE_REQ || s->phase == PHASE_RESP)
-        send_event(EV_CLOSE, &k, s, bpf_ktime_get_ns(), 0, 0, 0,
-                   (s->chunk_end ? FLAG_CHUNK_END : 0) |
-                   (s->pipelined ? FLAG_PIPELINED : 0));
-    conns.delete(&k);
-    ctls.delete(&k);
+    if (s)
+        end_conn(&k, s);
     return 0;
 }
 
@@ -1009,19 +1552,25 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (tgid != (u32)id || !procs.lookup(&tgid))
         return 0;
     procs.delete(&tgid);
-    struct conn_key k = {.tgid = tgid};
-    struct conn_state s = {};
-    send_event(EV_EXIT, &k, &s, bpf_ktime_get_ns(), 0, 0, 0, 0);
+    /* User space reports what the process left unanswered. */
+    u32 zero = 0;
+    struct record *r = blank.lookup(&zero);
+    if (!r)
+        return 0;
+    r->type = REC_EXIT;
+    r->tgid = tgid;
+    if (records.ringbuf_output(r, offsetof(struct record, resp_data),
+                               wake_flag()) != 0)
+        count_stat(STAT_LOST);
     return 0;
 }
 
 #if PLAIN_HTTP
 /* Plain HTTP from syscall tracepoints (no kprobes needed). A TCP socket is
  * one this process created with socket(AF_INET/AF_INET6, SOCK_STREAM) while
- * we watched; the connection key is (tgid, fd) with lib 4. A TLS socket's
- * first write is a ClientHello, not HTTP: it is ignored like any non-HTTP
- * connection, so a TLS request is never reported twice. */
-#define LIB_PLAIN 4
+ * we watched; the connection key is (tgid, fd). A TLS socket's first write
+ * is a ClientHello, not HTTP: it is dropped like any non-HTTP connection,
+ * so a TLS request is never reported twice. */
 struct fd_key {
     u32 tgid;
     u32 fd;
@@ -1036,7 +1585,7 @@ static __always_inline int tcp_fd(u32 fd)
     return tcp_fds.lookup(&fk) != 0;
 }
 
-static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 copy_max,
+static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 iov, u32 iovcnt,
                                         int is_read)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -1050,17 +1599,17 @@ static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 copy_max,
     if (is_read) {
         struct conn_key k = {.handle = fd, .tgid = tgid, .lib = LIB_PLAIN};
         struct conn_state *s = conns.lookup(&k);
-        if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
+        if (!s || s->ignored || s->answered >= s->sent)
             return 0;
     }
-    bound_value(copy_max, 0xffffffff);
-    struct call_args a = {.handle = fd, .buf = buf, .start = bpf_ktime_get_ns(),
-                          .lib = LIB_PLAIN, .copy_max = copy_max};
+    struct call_args a = {.handle = fd, .buf = buf, .iov = iov,
+                          .iovcnt = iovcnt, .start = bpf_ktime_get_ns(),
+                          .lib = LIB_PLAIN};
     sys_calls.update(&tid, &a);
     return 0;
 }
 
-static __always_inline int sys_exit_io(long ret, int is_read)
+static __always_inline int sys_exit_io(void *ctx, long ret, int is_read)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
@@ -1069,58 +1618,51 @@ static __always_inline int sys_exit_io(long ret, int is_read)
         return 0;
     struct call_args a = *ap;
     sys_calls.delete(&tid);
-    u64 n = ret > 0 ? (u64)ret : 0;
-    if (is_read)
-        return handle_read(&a, n);
-    handle_write(&a, n);
-    /* Not HTTP (a TLS socket, another protocol): forget the fd, so its
-     * next syscalls cost one failed lookup. */
-    struct conn_key k = {.handle = a.handle, .tgid = id >> 32,
-                         .lib = LIB_PLAIN};
-    struct conn_state *s = conns.lookup(&k);
-    if (s && s->phase == PHASE_IGNORED) {
-        struct fd_key fk = {.tgid = id >> 32, .fd = a.handle};
-        tcp_fds.delete(&fk);
-        conns.delete(&k);
+    struct work *w = begin_io(&a, ret > 0 ? (u64)ret : 0, is_read, ret == 0);
+    if (w) {
+        tracepoint_parser.call(ctx, 0);
+        return 0;
+    }
+    if (!is_read) {
+        /* Not HTTP (a TLS socket, another protocol): forget the fd, so
+         * its next syscalls cost one failed lookup. */
+        struct conn_key k = {.handle = a.handle, .tgid = id >> 32,
+                             .lib = LIB_PLAIN};
+        struct conn_state *s = conns.lookup(&k);
+        if (s && s->ignored) {
+            struct fd_key fk = {.tgid = id >> 32, .fd = a.handle};
+            tcp_fds.delete(&fk);
+            conns.delete(&k);
+        }
     }
     return 0;
-}
-
-/* The first iovec: where the data a tracer can copy starts. */
-static __always_inline int iov_enter(u32 fd, u64 iov, int is_read)
-{
-    if (!tcp_fd(fd))
-        return 0;
-    u64 first[2] = {};
-    bpf_probe_read_user(first, sizeof(first), (void *)iov);
-    return sys_enter_io(fd, first[0], first[1] ? first[1] : 1, is_read);
 }
 
 static __always_inline int msg_enter(u32 fd, u64 msg, int is_read)
 {
     if (!tcp_fd(fd))
         return 0;
-    u64 iov = 0;     /* struct user_msghdr: msg_iov at offset 16 */
-    bpf_probe_read_user(&iov, sizeof(iov), (void *)(msg + 16));
-    return iov_enter(fd, iov, is_read);
+    u64 hdr[4] = {};  /* struct user_msghdr: name, namelen, iov, iovlen */
+    bpf_probe_read_user(hdr, sizeof(hdr), (void *)msg);
+    return sys_enter_io(fd, 0, hdr[2], hdr[3], is_read);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return sys_exit_io(args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return sys_enter_io(args->fd, (u64)args->buff, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return sys_exit_io(args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return iov_enter(args->fd, (u64)args->vec, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return sys_exit_io(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return sys_exit_io(args, args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return sys_enter_io(args->fd, (u64)args->buff, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return sys_exit_io(args, args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return sys_enter_io(args->fd, 0, (u64)args->vec, args->vlen, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return sys_exit_io(args, args->ret, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return msg_enter(args->fd, (u64)args->msg, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return sys_exit_io(args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return sys_enter_io(args->fd, (u64)args->buf, 0, 1); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return sys_exit_io(args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return sys_enter_io(args->fd, (u64)args->ubuf, 0, 1); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return sys_exit_io(args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return iov_enter(args->fd, (u64)args->vec, 1); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return sys_exit_io(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return sys_exit_io(args, args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return sys_exit_io(args, args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return sys_enter_io(args->fd, (u64)args->ubuf, 0, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return sys_exit_io(args, args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return sys_enter_io(args->fd, 0, (u64)args->vec, args->vlen, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return sys_exit_io(args, args->ret, 1); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return msg_enter(args->fd, (u64)args->msg, 1); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return sys_exit_io(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return sys_exit_io(args, args->ret, 1); }
 
 /* A request body sent with sendfile (kernel TLS does this too, after the
  * head went through SSL_write): counted, never copied, on the plain
@@ -1163,18 +1705,31 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
     if (args->ret <= 0)
         return 0;
     struct conn_state *s = conns.lookup(&k);
-    if (!s || s->phase == PHASE_IGNORED) {
+    if (!s || s->ignored) {
         struct fd_key fk = {.tgid = id >> 32, .fd = k.handle};
         u64 *ssl = fd_owners.lookup(&fk);
         if (!ssl)
             return 0;
         k.handle = *ssl;
-        k.lib = 1;
+        k.lib = LIB_OPENSSL;
         s = conns.lookup(&k);
     }
-    if (!s || s->phase == PHASE_IGNORED || s->phase == PHASE_NEW)
+    if (!s || s->ignored || s->answered >= s->sent)
         return 0;
-    count_request_bytes(s, start, args->ret);
+    /* The bytes are body: they count, and end a body of known length. */
+    struct parser *p = &s->req;
+    u64 n = args->ret;
+    p->body += n;
+    if (p->phase == P_SKIP) {
+        p->left = p->left > n ? p->left - n : 0;
+        if (!p->left)
+            p->phase = P_IDLE;
+    }
+    struct record *r = find_record(&k, s->sent);
+    if (r) {
+        r->req_bytes = p->body;
+        r->req_end = start;
+    }
     return 0;
 }
 
@@ -1205,7 +1760,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
     struct conn_key k = {.handle = args->ret, .tgid = id >> 32,
                          .lib = LIB_PLAIN};
     conns.delete(&k);
-    ctls.delete(&k);
     return 0;
 }
 
@@ -1231,7 +1785,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     if (!tcp_fds.lookup(&fk))
         return 0;
     tcp_fds.delete(&fk);
-    return close_conn((struct pt_regs *)args, LIB_PLAIN, args->fd);
+    return close_conn(LIB_PLAIN, args->fd);
 }
 #endif
 
@@ -1247,9 +1801,11 @@ int go_write_enter(struct pt_regs *ctx)
     if (!ctx->ax || !pass_filters(tgid))
         return 0;
     struct call_args a = {.handle = ctx->ax, .buf = ctx->bx,
-                          .start = bpf_ktime_get_ns(), .lib = 5};
+                          .start = bpf_ktime_get_ns(), .lib = LIB_GO};
     /* Write returns only when all is written or the connection failed. */
-    return handle_write(&a, ctx->cx);
+    if (begin_io(&a, ctx->cx, 0, 0))
+        uprobe_parser.call(ctx, 0);
+    return 0;
 }
 
 int go_read_enter(struct pt_regs *ctx)
@@ -1260,11 +1816,8 @@ int go_read_enter(struct pt_regs *ctx)
     /* No check of the connection here: net/http's reader goroutine enters
      * Read before the request is written; the return decides. */
     u64 g = ctx->r14;
-    u64 cap = ctx->cx;
-    bound_value(cap, 0xffffffff);
     struct call_args a = {.handle = ctx->ax, .buf = ctx->bx,
-                          .start = bpf_ktime_get_ns(), .lib = 5,
-                          .copy_max = cap};
+                          .start = bpf_ktime_get_ns(), .lib = LIB_GO};
     go_calls.update(&g, &a);
     return 0;
 }
@@ -1278,12 +1831,15 @@ int go_read_return(struct pt_regs *ctx)
     struct call_args a = *ap;
     go_calls.delete(&g);
     long n = (long)ctx->ax;
-    return handle_read(&a, n > 0 ? (u64)n : 0);
+    /* Read returns 0 bytes only with an error: the connection ended. */
+    if (begin_io(&a, n > 0 ? (u64)n : 0, 1, n == 0))
+        uprobe_parser.call(ctx, 0);
+    return 0;
 }
 
 int go_close_enter(struct pt_regs *ctx)
 {
-    return close_conn(ctx, 5, ctx->ax);
+    return close_conn(LIB_GO, ctx->ax);
 }
 
 /* Entry points, one set per library family. */
@@ -1294,23 +1850,23 @@ int fam##_write_enter(struct pt_regs *ctx) {                                 \
 int fam##_read_enter(struct pt_regs *ctx) {                                  \
     return enter_io(ctx, lib, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, 1); \
 }                                                                            \
-int fam##_write_exit(struct pt_regs *ctx) { return exit_write(ctx); }        \
-int fam##_read_exit(struct pt_regs *ctx) { return exit_read(ctx); }          \
+int fam##_write_exit(struct pt_regs *ctx) { return exit_io(ctx, 0); }        \
+int fam##_read_exit(struct pt_regs *ctx) { return exit_io(ctx, 1); }         \
 int fam##_close_enter(struct pt_regs *ctx) {                                 \
-    return close_conn(ctx, lib, PT_REGS_PARM1(ctx));                         \
+    return close_conn(lib, PT_REGS_PARM1(ctx));                              \
 }
 
-IO_PROBES(openssl, 1)
-IO_PROBES(gnutls, 2)
-IO_PROBES(nss, 3)
+IO_PROBES(openssl, LIB_OPENSSL)
+IO_PROBES(gnutls, LIB_GNUTLS)
+IO_PROBES(nss, LIB_NSS)
 
 /* SSL_write_ex/SSL_read_ex(ssl, buf, num, size_t *done): return 1 or 0. */
 int openssl_write_ex_enter(struct pt_regs *ctx) {
-    return enter_io(ctx, 1, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx),
+    return enter_io(ctx, LIB_OPENSSL, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx),
                     PT_REGS_PARM4(ctx), 0);
 }
 int openssl_read_ex_enter(struct pt_regs *ctx) {
-    return enter_io(ctx, 1, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx),
+    return enter_io(ctx, LIB_OPENSSL, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx),
                     PT_REGS_PARM4(ctx), 1);
 }
 """
@@ -1333,59 +1889,59 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
                        "bpf_get_current_comm(&c, sizeof(c)); "
                        "if (%s) return 0;" % checks)
     text = BPF_TEXT
-    for name, value in (("__MAX_DATA__", MAX_DATA),
-                        ("__MAX_WRITE_EVENTS__", MAX_WRITE_EVENTS),
-                        ("__MAX_READ_EVENTS__", MAX_READ_EVENTS),
-                        ("__HEAD_WINDOW__", HEAD_WINDOW),
+    for name, value in (("__REQ_CAP__", REQ_CAP),
+                        ("__RESP_CAP__", RESP_CAP),
+                        ("__WIN__", WIN),
+                        ("__STEPS__", STEPS),
+                        ("__ACTIONS__", ACTIONS),
+                        ("__SKIP_WORDS__", SKIP_WORDS),
+                        ("__MAX_RUNS__", MAX_RUNS),
+                        ("__MAX_INFLIGHT__", MAX_INFLIGHT),
                         ("__WAKE_EVERY__", WAKE_EVERY),
                         ("__PLAIN_HTTP__", int(plain)),
                         ("__PORT_FILTER__", port_filter),
                         ("__MAX_CONNS__", max_conns),
                         ("__RINGBUF_PAGES__", ringbuf_pages),
                         ("__PID_FILTER__", pid_filter),
-                        ("__COMM_FILTER__", comm_filter)):
+                        ("__COMM_FILTER__", comm_filter),
+                        ("__DFA_ENUM__", ", ".join(DFA_STATES)),
+                        ("__DFA_STOP__", DFA_STOP),
+                        ("__DFA_BITS__", DFA_BITS),
+                        ("__CLASS_BITS__", CLASS_BITS)):
         text = text.replace(name, str(value))
     return text
 
 
 # ---------------------------------------------------------------------------
-# Event decoding
+# Record decoding
 # ---------------------------------------------------------------------------
 
-# struct event up to data[]: must match the C layout above.
-EVENT_HEAD = struct.Struct("<QQIIIIII BBB5x QQQQQQ 16s")
-Event = namedtuple("Event", "ts handle tgid tid len cap seq rphase type lib "
-                            "flags req_start req_end req_bytes resp_start "
-                            "resp_end resp_bytes comm data")
+# struct record up to resp_data[]: must match the C layout above.
+RECORD_HEAD = struct.Struct("<QQQQQQQ IIIII HHH BBB3x 16s")
+REQ_DATA_OFFSET = RECORD_HEAD.size + RESP_CAP
+Record = namedtuple("Record", "req_start req_end resp_start resp_end "
+                              "req_bytes resp_bytes handle tgid tid seq "
+                              "req_head resp_head status req_cap resp_cap "
+                              "type lib flags comm resp_data req_data")
 
 
-def decode_event(raw):
-    """Event from the bytes of one ring buffer record."""
-    fields = EVENT_HEAD.unpack_from(raw)
-    cap = fields[5]
-    data = bytes(raw[EVENT_HEAD.size:EVENT_HEAD.size + cap])
+def decode_record(raw):
+    """Record from the bytes of one ring buffer record (or map value)."""
+    fields = RECORD_HEAD.unpack_from(raw)
+    req_cap, resp_cap = fields[13], fields[14]
     comm = fields[-1].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return Event(*fields[:-1], comm, data)
-
+    return Record(*fields[:-1], comm,
+                  bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + resp_cap]),
+                  bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + req_cap]))
 
 # ---------------------------------------------------------------------------
 # HTTP/S3 parsing (pure functions)
 # ---------------------------------------------------------------------------
 
 HEAD_END = b"\r\n\r\n"
-MAX_HEAD = 64 * 1024      # a head larger than this is not buffered further
 
 RequestHead = namedtuple("RequestHead", "method target version headers length")
 ResponseHead = namedtuple("ResponseHead", "version status reason headers length")
-
-
-def _split_head(data):
-    """(lines, length) of a complete HTTP head in data, or None."""
-    end = data.find(HEAD_END)
-    if end < 0:
-        return None
-    text = data[:end].decode("latin-1")
-    return text.split("\r\n"), end + 4
 
 
 def _parse_headers(lines):
@@ -1397,17 +1953,23 @@ def _parse_headers(lines):
     return headers
 
 
-def parse_request_head(data, partial=False):
-    """RequestHead from bytes starting with a request line, else None.
+def _head_lines(data, partial):
+    """(lines, length) of the HTTP head at the start of data, or None. With
+    partial, a head cut short gives its complete lines and length None."""
+    end = data.find(HEAD_END)
+    if end >= 0:
+        return data[:end].decode("latin-1").split("\r\n"), end + 4
+    cut = data.rfind(b"\r\n") if partial else -1
+    if cut < 0:
+        return None
+    return data[:cut].decode("latin-1").split("\r\n"), None
 
-    partial: also from a head cut short (a huge header, a lost write): the
-    complete lines only, with length None."""
-    split = _split_head(data)
+
+def parse_request_head(data, partial=False):
+    """RequestHead from bytes starting with a request line, else None."""
+    split = _head_lines(data, partial)
     if split is None:
-        cut = data.rfind(b"\r\n") if partial else -1
-        if cut < 0:
-            return None
-        split = data[:cut].decode("latin-1").split("\r\n"), None
+        return None
     lines, length = split
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[0] not in HTTP_METHODS or \
@@ -1417,9 +1979,9 @@ def parse_request_head(data, partial=False):
                        length)
 
 
-def parse_response_head(data):
+def parse_response_head(data, partial=False):
     """ResponseHead from bytes starting with a status line, else None."""
-    split = _split_head(data)
+    split = _head_lines(data, partial)
     if split is None:
         return None
     lines, length = split
@@ -1430,26 +1992,6 @@ def parse_response_head(data):
     return ResponseHead(parts[0], int(parts[1]),
                         parts[2] if len(parts) > 2 else "",
                         _parse_headers(lines[1:]), length)
-
-
-def content_length(headers):
-    value = headers.get("content-length")
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
-
-
-def response_framing(method, response):
-    """How the response body ends: ('none'|'length'|'chunked'|'close', n)."""
-    status = response.status
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return "none", 0
-    if "chunked" in response.headers.get("transfer-encoding", "").lower():
-        return "chunked", None
-    length = content_length(response.headers)
-    if length is not None:
-        return ("length", length) if length else ("none", 0)
-    return "close", None
 
 
 # Query parameters whose values are secrets (compared lowercased).
@@ -1485,8 +2027,13 @@ def escape_text(text):
 
 S3Target = namedtuple("S3Target", "endpoint bucket key query")
 
+# BUCKET.s3.amazonaws.com, BUCKET.s3.REGION.amazonaws.com(.cn),
+# BUCKET.s3-REGION..., s3-accelerate, dualstack, s3-website, s3express.
 _AWS_VHOST = re.compile(
-    r"^(?P<bucket>.+)\.(?P<endpoint>s3[.-](?:[a-z0-9-]+\.)*amazonaws\.com(?:\.cn)?)$")
+    r"^(?P<bucket>.+)\.(?P<endpoint>s3[a-z0-9-]*(?:\.[a-z0-9-]+)*"
+    r"\.amazonaws\.com(?:\.cn)?)$")
+# Endpoints whose subdomains are buckets, besides AWS's and --endpoint's.
+VHOST_DOMAINS = ("localhost",)
 _IP_HOST = re.compile(r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\])$")
 
 
@@ -1513,12 +2060,12 @@ def parse_query(query):
     return params
 
 
-def s3_target(host, target, bucket_hosts=()):
+def s3_target(host, target, endpoints=()):
     """Endpoint, bucket, key and query of an S3 request.
 
-    Virtual-hosted style when the Host has a bucket label in front of an
-    AWS S3 endpoint, or of a `s3.` / known custom endpoint; path style
-    otherwise.
+    Virtual-hosted style when the Host is BUCKET.ENDPOINT for an AWS S3
+    endpoint, localhost, an endpoint given with --endpoint, or one whose
+    name starts with `s3.`/`s3-`; path style otherwise.
     """
     host = (host or "").strip().lower()
     name, port = split_host_port(host)
@@ -1528,12 +2075,16 @@ def s3_target(host, target, bucket_hosts=()):
     bucket = None
     endpoint = name
     match = _AWS_VHOST.match(name)
+    domain = next((d for d in tuple(endpoints) + VHOST_DOMAINS
+                   if name.endswith("." + d)), None)
     if match and not match.group("bucket").startswith("s3"):
         bucket, endpoint = match.group("bucket"), match.group("endpoint")
+    elif domain:
+        bucket, endpoint = name[:-len(domain) - 1], domain
     elif not _IP_HOST.match(name):
         label, dot, rest = name.partition(".")
-        if dot and (rest.startswith("s3.") or rest.startswith("s3-") or
-                    rest in bucket_hosts) and label not in ("s3", "www"):
+        if dot and (rest.startswith("s3.") or rest.startswith("s3-")) and \
+                label not in ("s3", "www"):
             bucket, endpoint = label, rest
     if port:
         endpoint = "%s:%s" % (endpoint, port)
@@ -1666,16 +2217,6 @@ def s3_error_code(body):
     return match.group(1).decode("ascii") if match else None
 
 
-def is_s3_request(headers, target):
-    """Whether the request carries S3 signing or S3 headers."""
-    auth = headers.get("authorization", "")
-    if auth.startswith("AWS4-HMAC-SHA256") or auth.startswith("AWS "):
-        return True
-    if any(name.startswith("x-amz-") for name in headers):
-        return True
-    return any(p in target.query for p in ("x-amz-signature", "signature"))
-
-
 # ---------------------------------------------------------------------------
 # Request assembly
 # ---------------------------------------------------------------------------
@@ -1683,483 +2224,51 @@ def is_s3_request(headers, target):
 # One completed (or abandoned) request: what every output prints.
 Request = namedtuple("Request", """start_ns pid tid comm lib host endpoint method
     path bucket key op status req_bytes resp_bytes ttfb_ms latency_ms
-    turnaround_ms request_id error_code complete""")
+    turnaround_ms request_id error_code complete truncated""",
+    defaults=(False,))
 
 NS_PER_MS = 1e6
 
 
-def time_at(calls, offset):
-    """Time of the call that moved the byte at offset, from (end offset,
-    time) pairs in stream order."""
-    for end, ts in calls:
-        if end > offset:
-            return ts
-    return calls[-1][1] if calls else None
-
-
-class Exchange:
-    """One request on one connection, from its first write to its end."""
-
-    __slots__ = ("seq", "tid", "comm", "start_ns", "req_end", "req_buf",
-                 "req", "req_rest", "rphase", "resp_buf", "resp",
-                 "resp_offset", "resp_first", "head_reads", "framing",
-                 "expect", "body", "decided", "last")
-
-    def __init__(self, event):
-        self.seq = event.seq
-        self.tid = event.tid
-        self.comm = event.comm
-        self.start_ns = event.req_start
-        self.req_end = event.req_end
-        self.req_buf = event.data
-        self.req = None
-        self.req_rest = b""      # bytes after the request: pipelined ones
-        self.rphase = None
-        self.resp_buf = b""
-        self.resp = None
-        self.resp_offset = 0     # start of the final response's head
-        self.resp_first = None   # its first read, when not the phase's first
-        self.head_reads = []     # (end offset, time) of reads before the head
-        self.framing = None
-        self.expect = None
-        self.body = b""
-        self.decided = False
-        self.last = event
-
-
-class PipelinedRequest:
-    """One request of a pipelining connection, in the shape build_request
-    takes from an Exchange."""
-
-    __slots__ = ("req", "tid", "comm", "start_ns", "end_ns", "offset",
-                 "resp", "resp_start", "resp_begin", "resp_offset", "body",
-                 "body_offset", "framing", "resp_end_offset", "resp_first")
-
-    def __init__(self, req, tid, comm, start_ns, end_ns, offset):
-        self.req, self.tid, self.comm = req, tid, comm
-        self.start_ns, self.end_ns, self.offset = start_ns, end_ns, offset
-        self.resp = self.resp_start = self.framing = None
-        self.resp_begin = self.resp_end_offset = self.body_offset = None
-        self.resp_first = None    # resp_start is already the final response's
-        self.resp_offset = 0
-        self.body = b""
-
-
-class Pipeline:
-    """A connection whose client sent a request before reading the previous
-    response (HTTP pipelining).
-
-    The kernel then sends every write and read with stream offsets in its
-    counters; requests are split by their framing and answered in order
-    (RFC 9112 9.3.2). feed() and abandon() return the finished requests as
-    (PipelinedRequest, event, complete) triples.
-    """
-
-    def __init__(self, ex, event):
-        self.seq = event.seq
-        self.last = event
-        self.pending = deque()
-        self.next_request = None     # offset of the next request head
-        self.wbuf, self.wbuf_offset = b"", 0
-        self.writes = deque()        # (end offset, entry time) of writes
-        self.rbuf, self.rbuf_offset = b"", 0
-        self.reads = deque()         # (end offset, return time) of reads
-        self.next_response = 0
-        if ex is None:
-            return
-        self.pending.append(PipelinedRequest(ex.req, ex.tid, ex.comm,
-                                             ex.start_ns, ex.req_end, 0))
-        self.next_request = self._request_end(ex.req, 0)
-        if ex.req_rest:
-            # The rest of the first write: more requests behind the first.
-            self.wbuf_offset = self.next_request
-            self.wbuf = ex.req_rest
-            end = self.next_request + len(ex.req_rest)
-            self.writes.append((end, ex.req_end))
-            self._parse_requests(ex.last, end)
-
-    @staticmethod
-    def _request_end(head, offset):
-        """Offset after head and its body, None if the body has no length."""
-        if head is None or "transfer-encoding" in head.headers:
-            return None
-        return offset + head.length + (content_length(head.headers) or 0)
-
-    def feed(self, event):
-        self.last = event
-        if event.type == EV_WRITE:
-            self._write(event)
-            return []
-        if event.type in (EV_READ, EV_DONE):
-            return self._read(event)
-        if event.type == EV_CLOSE:
-            return self._close(event)
-        return []
-
-    def _write(self, event):
-        start = event.req_bytes - event.len
-        end = event.req_bytes
-        self.writes.append((end, event.req_end))
-        if self.next_request is None and (
-                parse_request_head(event.data) or
-                event.data[:4].rstrip() in HTTP_METHOD_PREFIXES):
-            self.next_request = start   # a request at a write boundary
-        if start != self.wbuf_offset + len(self.wbuf):
-            self.wbuf, self.wbuf_offset = b"", start
-        self.wbuf += event.data
-        self._parse_requests(event, end, truncated=event.cap < event.len)
-        for item in self.pending:
-            if item.offset < end and item.resp is None:
-                item.end_ns = event.req_end
-        while len(self.writes) > 1 and self.writes[0][0] <= \
-                (self.pending[0].offset if self.pending else end):
-            self.writes.popleft()
-
-    def _parse_requests(self, event, end, truncated=False):
-        """Queue the request heads that start in the write buffer."""
-        while self.next_request is not None and \
-                self.wbuf_offset <= self.next_request < end:
-            rel = self.next_request - self.wbuf_offset
-            head = parse_request_head(self.wbuf[rel:])
-            if head is None:
-                if len(self.wbuf) - rel > MAX_HEAD or truncated:
-                    self.next_request = None
-                break
-            offset = self.next_request
-            self.pending.append(PipelinedRequest(
-                head, event.tid, event.comm,
-                time_at(self.writes, offset), event.req_end, offset))
-            self.next_request = self._request_end(head, offset)
-        # Keep only what a later head may still need.
-        keep = self.next_request if self.next_request is not None else end
-        if truncated or keep >= end:
-            self.wbuf, self.wbuf_offset = b"", end
-        elif keep > self.wbuf_offset:
-            self.wbuf = self.wbuf[keep - self.wbuf_offset:]
-            self.wbuf_offset = keep
-
-    def _read(self, event):
-        start = event.resp_bytes - event.len
-        end = event.resp_bytes
-        self.reads.append((end, event.ts))
-        if start != self.rbuf_offset + len(self.rbuf):
-            self.rbuf, self.rbuf_offset = b"", start
-        self.rbuf += event.data
-        done = []
-        while self.pending:
-            item = self.pending[0]
-            if item.resp is None and not self._response_head(item, end):
-                break
-            if item.resp_end_offset is None and item.framing == "chunked":
-                rel = max(item.resp_begin + item.resp_offset +
-                          item.resp.length - 2 - self.rbuf_offset, 0)
-                found = self.rbuf.find(b"\r\n0\r\n\r\n", rel)
-                if found >= 0:
-                    item.resp_end_offset = self.rbuf_offset + found + 7
-            if item.resp_end_offset is None or item.resp_end_offset > end:
-                break
-            self.pending.popleft()
-            self.next_response = item.resp_end_offset
-            body = item.body_offset - self.rbuf_offset
-            if body >= 0:   # error bodies are short: whole in the buffer
-                item.body = self.rbuf[body:body + MAX_DATA]
-            done.append(self._finished(item, event, True))
-        if event.cap < event.len:
-            self.rbuf, self.rbuf_offset = b"", end   # the rest is body
-        elif self.next_response > self.rbuf_offset:
-            cut = min(self.next_response - self.rbuf_offset, len(self.rbuf))
-            self.rbuf = self.rbuf[cut:]
-            self.rbuf_offset += cut
-        if len(self.rbuf) > MAX_HEAD:
-            self.rbuf, self.rbuf_offset = b"", end
-        while len(self.reads) > 1 and self.reads[0][0] <= self.next_response:
-            self.reads.popleft()
-        return done
-
-    def _response_head(self, item, end):
-        """Parse the head of item's response if its bytes are here."""
-        while True:
-            at = self.next_response + item.resp_offset
-            rel = at - self.rbuf_offset
-            if at >= end or rel < 0 or rel > len(self.rbuf):
-                return False
-            head = parse_response_head(self.rbuf[rel:])
-            if head is None:
-                return False
-            item.resp_begin = self.next_response
-            if 100 <= head.status < 200:
-                item.resp_offset += head.length
-                continue
-            item.resp = head
-            item.resp_start = time_at(self.reads, at)
-            item.body_offset = at + head.length
-            method = item.req.method if item.req else None
-            item.framing, length = response_framing(method, head)
-            if item.framing in ("none", "length"):
-                item.resp_end_offset = at + head.length + (length or 0)
-            return True
-
-    def _finished(self, item, event, complete, end_offset=None):
-        if end_offset is None:
-            end_offset = item.resp_end_offset
-        resp_end = None
-        if item.resp is not None and end_offset:
-            resp_end = time_at(self.reads, end_offset - 1)
-        following = self.pending[0].offset if self.pending else \
-            event.req_bytes
-        begin = item.resp_begin if item.resp_begin is not None else 0
-        return item, event._replace(
-            req_start=item.start_ns, req_end=item.end_ns,
-            req_bytes=max(following - item.offset, 0),
-            resp_start=item.resp_start or 0, resp_end=resp_end or 0,
-            resp_bytes=max((end_offset or begin) - begin, 0)), complete
-
-    def _close(self, event):
-        done = []
-        while self.pending:
-            item = self.pending.popleft()
-            until_close = item.framing == "close"
-            end = event.resp_bytes if until_close else item.resp_end_offset
-            done.append(self._finished(item, event, until_close, end))
-        return done
-
-    def abandon(self):
-        """Every request still waiting, as incomplete."""
-        done = []
-        while self.pending:
-            item = self.pending.popleft()
-            done.append(self._finished(item, self.last, False))
-        return done
-
-
-class Assembler:
-    """Turns decoded events into completed Requests.
-
-    control(event, mode, expect, stream) asks the kernel to finish the body
-    alone; peek(event) returns the kernel's current (resp_bytes, resp_end,
-    chunk_end, rphase, reads) for the event's connection or None. Both default to
-    no-ops so tests can drive it with synthetic events.
-    """
-
-    def __init__(self, emit, control=None, peek=None, include_unknown=False,
-                 max_conns=65536):
-        self.emit = emit
-        self.control = control or (lambda *a: None)
-        self.peek = peek or (lambda e: None)
-        self.include_unknown = include_unknown
-        self.max_conns = max_conns
-        self.conns = OrderedDict()   # (tgid, lib, handle) -> Exchange
-        self.incomplete = 0
-
-    def feed(self, event):
-        kind = event.type
-        if kind == EV_EXIT:
-            self._process_exit(event.tgid)
-            return
-        key = (event.tgid, event.lib, event.handle)
-        ex = self.conns.get(key)
-        if event.flags & FLAG_PIPELINED and not isinstance(ex, Pipeline):
-            ex = Pipeline(ex, event)
-            self._remember(key, ex)
-        if isinstance(ex, Pipeline):
-            for item, ended, complete in ex.feed(event):
-                self._report(item, ended, complete)
-            if kind == EV_CLOSE:
-                self.conns.pop(key, None)
-            return
-        if kind == EV_WRITE:
-            if ex is not None and event.seq != ex.seq:
-                # A new request on a connection whose previous one did not
-                # finish (pipelining, a lost event, a reset connection).
-                self._finish(key, ex, ex.last, complete=False)
-                ex = None
-            if ex is None:
-                ex = Exchange(event)
-                self._remember(key, ex)
-            else:
-                if ex.req is None and len(ex.req_buf) < MAX_HEAD:
-                    ex.req_buf += event.data
-            ex.last = event
-            ex.req_end = event.req_end
-            if ex.req is None:
-                ex.req = parse_request_head(ex.req_buf)
-                if ex.req is not None:
-                    end = Pipeline._request_end(ex.req, 0)
-                    if end is not None and \
-                            ex.req_buf[end:end + 4].rstrip() in \
-                            HTTP_METHOD_PREFIXES:
-                        # Several requests in one write: pipelining the
-                        # kernel cannot see. Make it stream this connection.
-                        ex.req_rest = ex.req_buf[end:]
-                        self.control(event, MODE_PIPELINED, 0, True)
-                        self._remember(key, Pipeline(ex, event))
-                    ex.req_buf = b""
-            return
-        if ex is None or event.seq != ex.seq:
-            return   # the rest of an exchange already reported
-        ex.last = event
-        if kind == EV_CLOSE:
-            self._finish(key, ex, event, complete=self._body_done(ex, event))
-            return
-        if event.rphase != ex.rphase:
-            # A new read phase: a final response after 100 Continue.
-            ex.rphase = event.rphase
-            ex.resp_buf, ex.resp = b"", None
-            ex.body, ex.decided, ex.resp_offset = b"", False, 0
-            ex.head_reads, ex.resp_first = [], None
-        if ex.resp is None:
-            ex.head_reads.append((event.resp_bytes, event.ts))
-            self._read_head(ex, event)
-            if ex.resp is None:
-                return
-        elif len(ex.body) < MAX_DATA:
-            ex.body += event.data[:MAX_DATA - len(ex.body)]
-        if kind == EV_DONE or self._body_done(ex, event):
-            self._finish(key, ex, event, complete=True)
-        elif not ex.decided:
-            self._decide(key, ex, event)
-
-    def _read_head(self, ex, event):
-        if len(ex.resp_buf) < MAX_HEAD:
-            ex.resp_buf += event.data
-        while True:
-            head = parse_response_head(ex.resp_buf)
-            if head is None:
-                return
-            if 100 <= head.status < 200:
-                # Interim response: the final one follows in the buffer.
-                ex.resp_offset += head.length
-                ex.resp_buf = ex.resp_buf[head.length:]
-                continue
-            ex.resp = head
-            if ex.resp_offset:
-                # After an interim response in the same read phase: the
-                # final response starts later than the phase's first read.
-                ex.resp_first = time_at(ex.head_reads, ex.resp_offset)
-            ex.head_reads = None
-            ex.body = ex.resp_buf[head.length:head.length + MAX_DATA]
-            ex.resp_buf = b""
-            method = ex.req.method if ex.req else None
-            ex.framing, length = response_framing(method, head)
-            ex.expect = ex.resp_offset + head.length + (length or 0)
-            return
-
-    def _body_done(self, ex, event):
-        """Whether the kernel counters in event show the body complete."""
-        if ex.resp is None:
-            return False
-        if ex.framing == "none":
-            return True
-        if ex.framing == "length":
-            return event.resp_bytes >= ex.expect
-        if ex.framing == "chunked":
-            return bool(event.flags & FLAG_CHUNK_END)
-        return event.type == EV_CLOSE     # body ends with the connection
-
-    def _decide(self, key, ex, event):
-        """Hand the rest of the body to the kernel, closing the race."""
-        ex.decided = True
-        mode = {"length": MODE_LENGTH, "chunked": MODE_CHUNKED}.get(
-            ex.framing, MODE_CLOSE)
-        stream = ex.resp.status >= 300
-        self.control(event, mode, ex.expect or 0, stream)
-        now = self.peek(event)
-        if now is None:
-            return
-        resp_bytes, resp_end, chunk_end, rphase, reads = now
-        if rphase != event.rphase or reads <= MAX_READ_EVENTS or \
-                resp_bytes <= HEAD_WINDOW:
-            return   # every read so far was sent: its event will finish it
-        done = (mode == MODE_LENGTH and resp_bytes >= ex.expect) or \
-               (mode == MODE_CHUNKED and chunk_end)
-        if done:
-            self._finish(key, ex, event._replace(resp_bytes=resp_bytes,
-                                                 resp_end=resp_end),
-                         complete=True)
-
-    def _remember(self, key, ex):
-        self.conns[key] = ex
-        self.conns.move_to_end(key)
-        while len(self.conns) > self.max_conns:
-            old_key, old = self.conns.popitem(last=False)
-            self._finish(old_key, old, old.last, complete=False, pop=False)
-
-    def _process_exit(self, tgid):
-        for key in [k for k in self.conns if k[0] == tgid]:
-            ex = self.conns[key]
-            self._finish(key, ex, ex.last, complete=False)
-
-    def flush(self):
-        """Report every unfinished request as incomplete (at exit)."""
-        for key, ex in list(self.conns.items()):
-            self._finish(key, ex, ex.last, complete=False)
-
-    def _finish(self, key, ex, event, complete, pop=True):
-        if pop:
-            self.conns.pop(key, None)
-        if isinstance(ex, Pipeline):
-            for item, ended, complete in ex.abandon():
-                self._report(item, ended, complete)
-        else:
-            if ex.req is None and ex.req_buf:
-                ex.req = parse_request_head(ex.req_buf, partial=True)
-            self._report(ex, event, complete)
-
-    def _report(self, ex, event, complete):
-        if not complete:
-            self.incomplete += 1
-        request = build_request(ex, event, complete)
-        if request is not None and (request.method or self.include_unknown):
-            self.emit(request)
-
-
-def build_request(ex, event, complete):
-    """The Request for an exchange, from its parsed heads and kernel times."""
-    req, resp = ex.req, ex.resp
+def build_request(rec, endpoints=()):
+    """The Request for one kernel record: its heads parsed, its times."""
+    complete = bool(rec.flags & RF_COMPLETE)
+    req = parse_request_head(rec.req_data, partial=True)
     method = host = path = op = target = None
-    headers = {}
     if req is not None:
-        method, headers = req.method, req.headers
-        host = headers.get("host")
-        path = redact_target(req.target)
-        target = s3_target(host, req.target)
-        op = s3_operation(method, target, headers)
-        if op is not None and not is_s3_request(headers, target) and \
-                target.key is None and method == "GET":
-            op = None   # a plain GET / of a web server is not ListBuckets
-    req_bytes = None
-    if req is not None and req.length is not None:
-        req_bytes = max(event.req_bytes - req.length, 0)
-    status = resp.status if resp else None
-    resp_bytes = None
-    if resp is not None and event.resp_bytes:
-        resp_bytes = max(event.resp_bytes - ex.resp_offset - resp.length, 0)
-    start = ex.start_ns
-    first = ex.resp_first or event.resp_start
-    ttfb = turnaround = latency = None
-    if first and first >= start:
-        ttfb = (first - start) / NS_PER_MS
-        if first >= event.req_end:
-            turnaround = (first - event.req_end) / NS_PER_MS
-        # An unfinished response has no end time: its last byte is unknown.
-        if resp is not None and event.resp_end and complete:
-            latency = (event.resp_end - start) / NS_PER_MS
-    error_code = None
-    request_id = None
+        host = req.headers.get("host")
+        method, path = req.method, redact_target(req.target)
+        target = s3_target(host, req.target, endpoints)
+        op = s3_operation(method, target, req.headers)
+    resp = None
+    if rec.resp_start:
+        resp = parse_response_head(rec.resp_data, partial=True)
+    status = rec.status if 100 <= rec.status <= 999 else None
+    request_id = error_code = None
     if resp is not None:
         request_id = resp.headers.get("x-amz-request-id")
-        if status >= 300:
-            error_code = s3_error_code(ex.body) or \
+        if status and status >= 300:
+            error_code = s3_error_code(rec.resp_data[rec.resp_head:]) or \
                 resp.headers.get("x-amz-error-code")
+    ttfb = turnaround = latency = None
+    if rec.resp_start:
+        ttfb = (rec.resp_start - rec.req_start) / NS_PER_MS
+        if rec.resp_start >= rec.req_end:
+            turnaround = (rec.resp_start - rec.req_end) / NS_PER_MS
+        # An unfinished response has no end: its last byte is unknown.
+        if complete:
+            latency = (rec.resp_end - rec.req_start) / NS_PER_MS
     return Request(
-        start_ns=start, pid=event.tgid, tid=ex.tid, comm=ex.comm,
-        lib=LIB_NAMES.get(event.lib, "unknown"), host=host,
+        start_ns=rec.req_start, pid=rec.tgid, tid=rec.tid, comm=rec.comm,
+        lib=LIB_NAMES.get(rec.lib, "unknown"), host=host,
         endpoint=target.endpoint if target else None, method=method,
         path=path, bucket=target.bucket if target else None,
         key=target.key if target else None, op=op, status=status,
-        req_bytes=req_bytes, resp_bytes=resp_bytes, ttfb_ms=ttfb,
-        latency_ms=latency, turnaround_ms=turnaround, request_id=request_id,
-        error_code=error_code, complete=complete)
+        req_bytes=rec.req_bytes,
+        resp_bytes=rec.resp_bytes if rec.resp_start else None,
+        ttfb_ms=ttfb, latency_ms=latency, turnaround_ms=turnaround,
+        request_id=request_id, error_code=error_code, complete=complete,
+        truncated=rec.req_head > len(rec.req_data))
 
 
 # ---------------------------------------------------------------------------
@@ -2406,6 +2515,7 @@ def format_json(request, clock):
         ("turnaround_ms", _round(request.turnaround_ms)),
         ("request_id", request.request_id),
         ("error_code", request.error_code), ("complete", request.complete),
+        ("truncated", request.truncated),
     ])
     # ensure_ascii escapes every control character: one object, one line.
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
@@ -2684,8 +2794,15 @@ class Tracer:
         self.bcc = bcc
         self.bpf = None
         self.error = None
-        self.events = 0
+        self.records = 0
         self.reported = 0
+        self.incomplete = 0
+        # Our own metrics endpoint, scraped over plain HTTP: not traffic.
+        self.own_hosts = set()
+        if args.prometheus_port:
+            self.own_hosts = {"%s:%d" % (host, args.prometheus_port) for host in
+                              (args.prometheus_addr, "127.0.0.1", "localhost",
+                               "[::1]", "0.0.0.0")}
 
     def load(self, libraries):
         try:
@@ -2697,6 +2814,11 @@ class Tracer:
             raise Fatal("the BPF program did not compile or load (%s); "
                         "are the kernel headers right? run ./install.sh" %
                         str(exc).splitlines()[0])
+        tables = self.bpf["dfa"]
+        tables[ctypes.c_int(0)] = tables.Leaf.from_buffer_copy(b"".join(
+            DFA[name] for name in ("byte_class", "next", "acc_mul", "acc_add",
+                                   "status_mul", "status_add", "flags",
+                                   "in_head", "value")))
         # Load every handler now, so a verifier rejection is one clear error
         # rather than a probe that silently fails to attach.
         try:
@@ -2705,6 +2827,14 @@ class Tracer:
                                 (GO_HANDLERS if lib.family == "go"
                                  else PROBE_HANDLERS_ALL)}):
                 self.bpf.load_func(name, self.bcc.BPF.KPROBE)
+            # The HTTP parser runs as a tail call of every read and write.
+            parsers = [("parse_uprobe", "uprobe_parser", self.bcc.BPF.KPROBE)]
+            if not self.args.no_plain:
+                parsers.append(("parse_tracepoint", "tracepoint_parser",
+                                self.bcc.BPF.TRACEPOINT))
+            for name, table, kind in parsers:
+                fn = self.bpf.load_func(name, kind)
+                self.bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
         except Exception as exc:
             raise Fatal("the kernel rejected the BPF program: %s" %
                         str(exc).splitlines()[0])
@@ -2717,50 +2847,52 @@ class Tracer:
                                         if self.args.port else ""))
         for family, count in attached.items():
             self.attached[family] += count
+        self.inflight = self.bpf["inflight"]
         self.conns = self.bpf["conns"]
-        self.ctls = self.bpf["ctls"]
         self.stats_map = self.bpf["stats"]
-        self.assembler = Assembler(self.report, control=self.control,
-                                   peek=self.peek,
-                                   include_unknown=self.args.include_unknown)
-        self.bpf["events"].open_ring_buffer(self.on_event)
+        self.bpf["records"].open_ring_buffer(self.on_record)
         return attached
 
-    def _key(self, event):
-        key = self.conns.Key()
-        key.handle, key.tgid, key.lib = event.handle, event.tgid, event.lib
-        return key
-
-    def control(self, event, mode, expect, stream):
-        value = self.ctls.Leaf()
-        value.expect, value.rphase, value.mode, value.stream = \
-            expect, event.rphase, mode, int(stream)
-        try:
-            self.ctls[self._key(event)] = value
-        except Exception:
-            pass
-
-    def peek(self, event):
-        try:
-            s = self.conns[self._key(event)]
-        except KeyError:
-            return None
-        return s.resp_bytes, s.resp_end, s.chunk_end, s.rphase, s.rd_events
-
-    def on_event(self, ctx, data, size):
+    def on_record(self, ctx, data, size):
         # ctypes would print and swallow an exception raised here: keep it
         # for run() to re-raise once the poll returns.
-        self.events += 1
+        self.records += 1
         try:
-            self.assembler.feed(decode_event(ctypes.string_at(data, size)))
+            rec = decode_record(ctypes.string_at(data, size))
+            if rec.type == REC_EXIT:
+                self.sweep(rec.tgid)
+            else:
+                self.report(build_request(rec, self.args.endpoint))
         except BaseException as exc:
             self.error = self.error or exc
             self.stop = True
             return -1    # stop consuming this batch
         return 0
 
+    def sweep(self, tgid=None):
+        """Report the requests a process (or, at exit, every process) left
+        unanswered, and forget its connections."""
+        for table, unanswered in ((self.inflight, True), (self.conns, False)):
+            for key, value in list(table.items()):
+                if tgid is not None and \
+                        getattr(key, "conn", key).tgid != tgid:
+                    continue
+                if unanswered:
+                    raw = ctypes.string_at(ctypes.addressof(value),
+                                           ctypes.sizeof(value))
+                    self.report(build_request(decode_record(raw),
+                                              self.args.endpoint))
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+
     def report(self, request):
-        if not request_matches(request, self.args):
+        if not request.complete:
+            self.incomplete += 1
+        if not request_matches(request, self.args) or \
+                (request.method is None and not self.args.include_unknown) \
+                or (request.host or "").lower() in self.own_hosts:
             return
         self.reported += 1
         self.stats.add(request)
@@ -2832,7 +2964,7 @@ class Tracer:
     def finish(self, print_stats=True):
         if print_stats:
             self.bpf.ring_buffer_consume()
-            self.assembler.flush()
+            self.sweep()
         try:
             self.out.flush()
         except BrokenPipeError:
@@ -2841,9 +2973,8 @@ class Tracer:
             self.print_tables(self.stats, "since start" if self.args.interval
                               else None)
         log("%d requests reported from %d kernel events; %d lost events, "
-            "%d incomplete requests" % (self.reported, self.events,
-                                        self.lost_reported,
-                                        self.assembler.incomplete))
+            "%d incomplete requests" % (self.reported, self.records,
+                                        self.lost_reported, self.incomplete))
         if self.lost_reported:
             log("requests whose events were lost were reported incomplete "
                 "or not at all")
