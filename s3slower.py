@@ -2336,38 +2336,62 @@ class LatencyHistogram:
         return self.max
 
 
-class StatsTable:
-    """Latency histograms and error counts per (group, row) key."""
+class RowStats:
+    """One table row: latencies of complete requests, errors, incomplete."""
+
+    __slots__ = ("latency", "count", "errors", "incomplete")
 
     def __init__(self):
-        self.rows = defaultdict(LatencyHistogram)
-        self.errors = defaultdict(int)
+        self.latency = LatencyHistogram()
+        self.count = self.errors = self.incomplete = 0
 
-    def add(self, group, row, latency_ms, is_error):
-        self.rows[(group, row)].add(latency_ms)
-        if is_error:
-            self.errors[(group, row)] += 1
+    def add(self, request):
+        self.count += 1
+        if request.latency_ms is not None:
+            self.latency.add(request.latency_ms)
+        if not request.complete:
+            self.incomplete += 1
+        elif request.status is None or request.status >= 400:
+            self.errors += 1
+
+
+def _fmt_quantile(hist, q):
+    value = hist.quantile(q)
+    return "-" if value is None else "%.2f" % value
+
+
+class StatsTable:
+    """RowStats per (group, row) key."""
+
+    def __init__(self):
+        self.rows = defaultdict(RowStats)
+
+    def add(self, group, row, request):
+        self.rows[(group, row)].add(request)
 
     def render(self, title, row_label):
         """Tables as text: one per group, rows sorted by count."""
         groups = defaultdict(list)
-        for (group, row), hist in self.rows.items():
-            groups[group].append((row, hist))
+        for (group, row), stats in self.rows.items():
+            groups[group].append((row, stats))
         out = []
-        for group in sorted(groups, key=lambda g: (-sum(h.count for _, h in
+        for group in sorted(groups, key=lambda g: (-sum(r.count for _, r in
                                                         groups[g]), g)):
             rows = sorted(groups[group], key=lambda r: (-r[1].count, r[0]))
             out.append("=== %s %s ===" % (title, escape_text(group)))
             width = max([len(row_label)] + [len(escape_text(r)) for r, _ in rows])
             # The seed's columns first (scripts read them), then ours.
-            out.append("%-*s %7s %9s %9s %9s %9s %7s" % (
-                width, row_label, "Count", "p50(ms)", "p90(ms)", "p99(ms)",
-                "max(ms)", "Errors"))
-            for row, hist in rows:
-                out.append("%-*s %7d %9.2f %9.2f %9.2f %9.2f %7d" % (
-                    width, escape_text(row), hist.count, hist.quantile(0.5),
-                    hist.quantile(0.9), hist.quantile(0.99), hist.max,
-                    self.errors[(group, row)]))
+            line = "%-*s %7s %9s %9s %9s %9s %7s %8s"
+            out.append(line % (width, row_label, "Count", "p50(ms)", "p90(ms)",
+                               "p99(ms)", "max(ms)", "Errors", "Incompl"))
+            for row, r in rows:
+                hist = r.latency
+                out.append(line % (
+                    width, escape_text(row), r.count,
+                    _fmt_quantile(hist, 0.5), _fmt_quantile(hist, 0.9),
+                    _fmt_quantile(hist, 0.99),
+                    "%.2f" % hist.max if hist.count else "-", r.errors,
+                    r.incomplete))
             out.append("")
         return "\n".join(out)
 
@@ -2417,20 +2441,15 @@ class Statistics:
         self.cap = LabelCap(max_buckets)
 
     def add(self, request):
-        if request.latency_ms is None:
-            return
-        is_error = request.status is None or request.status >= 400 or \
-            not request.complete
         endpoint = request.endpoint or request.host or "-"
         for kind, table in self.tables.items():
             if kind == "method":
-                table.add(request.host or "-", request.method or "-",
-                          request.latency_ms, is_error)
+                table.add(request.host or "-", request.method or "-", request)
             elif kind == "op" and request.op:
-                table.add(endpoint, request.op, request.latency_ms, is_error)
+                table.add(endpoint, request.op, request)
             elif kind == "bucket" and request.bucket:
                 host, bucket = self.cap.pair(endpoint, request.bucket)
-                table.add(host, bucket, request.latency_ms, is_error)
+                table.add(host, bucket, request)
 
     def render(self):
         parts = [self.tables[kind].render(*self.TABLES[kind])
@@ -2569,7 +2588,9 @@ class PrometheusOutput:
                                      request.bucket)
         values = (host, request.method or "none", request.op or "none",
                   bucket)
-        status = str(request.status) if request.status else "none"
+        # An unfinished request has its own status: its time is unknown.
+        status = "incomplete" if not request.complete else \
+            str(request.status) if request.status else "none"
         self.requests.labels(*values, status).inc()
         if request.latency_ms is not None:
             self.duration.labels(*values).observe(request.latency_ms / 1e3)

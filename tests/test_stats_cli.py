@@ -63,18 +63,22 @@ def test_stats_tables_render_sorted_and_aligned():
     for i in range(3):
         st.add(req._replace(latency_ms=float(i + 1)))
     st.add(req._replace(method="PUT", op="PutObject", status=503))
+    st.add(req._replace(method="DELETE", op="DeleteObject", status=None,
+                        latency_ms=None, complete=False))
     text = st.render()
     assert "=== Statistics for h1 ===" in text
     lines = text.splitlines()
     header = lines[1].split()
     assert header == ["Method", "Count", "p50(ms)", "p90(ms)", "p99(ms)",
-                      "max(ms)", "Errors"]
+                      "max(ms)", "Errors", "Incompl"]
     get = lines[2].split()
-    assert get[:2] == ["GET", "3"] and get[-1] == "0"
+    assert get[:2] == ["GET", "3"] and get[-2:] == ["0", "0"]
     for shown, exact in zip(get[2:6], (2.0, 3.0, 3.0, 3.0)):   # nearest rank
         assert abs(float(shown) - exact) <= 0.01 * exact + 0.005
-    assert lines[3].split()[:2] == ["PUT", "1"]
-    assert lines[3].split()[-1] == "1"
+    rows = {line.split()[0]: line.split() for line in lines[3:5]}
+    assert rows["PUT"][1] == "1" and rows["PUT"][-2:] == ["1", "0"]
+    # an incomplete request counts, under its own column, with no time
+    assert rows["DELETE"] == ["DELETE", "1", "-", "-", "-", "-", "0", "1"]
     assert "=== S3 operations for h1 ===" in text
 
 
