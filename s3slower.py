@@ -45,6 +45,7 @@ examples = """examples:
     ./s3slower.py                        # trace every HTTPS request on the host
     ./s3slower.py --json | jq .          # JSON Lines, one object per request
     ./s3slower.py -p 1234                # only process 1234
+    ./s3slower.py --plain                # plain HTTP (no TLS) as well
     ./s3slower.py --comm aws             # only processes named aws
     ./s3slower.py --host-substr amazonaws.com --min-lat-ms 100
     ./s3slower.py --method PUT --op PutObject --bucket logs
@@ -173,9 +174,12 @@ def build_parser():
                       help="look for new TLS library files (new containers, "
                            "newly started static binaries) every SECONDS; "
                            "0: never (default 10)")
-    parser.add_argument("--no-plain", action="store_true",
-                        help="do not trace plain-HTTP (unencrypted) "
-                             "connections from syscall tracepoints")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="also trace plain-HTTP (unencrypted) "
+                             "connections, from syscall tracepoints: every "
+                             "read and write on the host then pays a map "
+                             "lookup (default: off; --port implies it)")
     filters = parser.add_argument_group("filters")
     filters.add_argument("--port", type=port_number,
                          help="plain HTTP: only connections to this remote "
@@ -2815,6 +2819,7 @@ class Tracer:
         self.bcc = bcc
         self.bpf = None
         self.error = None
+        self.plain = bool(args.plain or args.port)
         self.records = 0
         self.reported = 0
         self.incomplete = 0
@@ -2830,7 +2835,7 @@ class Tracer:
             self.bpf = self.bcc.BPF(text=bpf_program(
                 self.args.pid, self.args.comm,
                 ringbuf_pages=self.args.ringbuf_pages,
-                plain=not self.args.no_plain, port=self.args.port))
+                plain=self.plain, port=self.args.port))
         except Exception as exc:
             raise Fatal("the BPF program did not compile or load (%s); "
                         "are the kernel headers right? run ./install.sh" %
@@ -2850,7 +2855,7 @@ class Tracer:
                 self.bpf.load_func(name, self.bcc.BPF.KPROBE)
             # The HTTP parser runs as a tail call of every read and write.
             parsers = [("parse_uprobe", "uprobe_parser", self.bcc.BPF.KPROBE)]
-            if not self.args.no_plain:
+            if self.plain:
                 parsers.append(("parse_tracepoint", "tracepoint_parser",
                                 self.bcc.BPF.TRACEPOINT))
             for name, table, kind in parsers:
@@ -2862,10 +2867,13 @@ class Tracer:
         attached = attach_probes(self.bpf, libraries)
         if not attached:
             raise Fatal("no TLS library entry point could be attached")
-        if not self.args.no_plain:
+        if self.plain:
             progress("  plain HTTP: syscall tracepoints, TCP sockets created "
-                     "from now on%s" % (" to port %d" % self.args.port
-                                        if self.args.port else ""))
+                     "from now on%s; every read/write syscall on the host "
+                     "pays a map lookup" % (" to port %d" % self.args.port
+                                            if self.args.port else ""))
+        else:
+            progress("  plain HTTP: off (--plain traces it)")
         for family, count in attached.items():
             self.attached[family] += count
         self.inflight = self.bpf["inflight"]

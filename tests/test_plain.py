@@ -75,10 +75,10 @@ def test_sendfile_body_counted(tracer, plain_server):
     assert 0 <= r["turnaround_ms"] <= r["ttfb_ms"] <= r["latency_ms"]
 
 
-def test_no_plain_and_port_filter(plain_server, s3_server):
+def test_plain_off_by_default_plain_and_port_filter(plain_server, s3_server):
     require_bpf()
     url = "http://127.0.0.1:%d/filtbkt" % plain_server.port
-    for args, expect in ((["--no-plain"], 0),
+    for args, expect in (([], 0), (["--no-plain"], 0), (["--plain"], 1),
                          (["--port", str(plain_server.port + 1)], 0),
                          (["--port", str(plain_server.port)], 1)):
         t = Tracer("--comm", "curl", *args)
@@ -128,3 +128,24 @@ def test_ktls_sendfile_upload_reported_once(tracer, s3_server):
     assert [(r["lib"], r["method"], r["status"]) for r in records] == [
         ("openssl", "PUT", 200), ("openssl", "GET", 200)]
     assert records[0]["req_bytes"] == len("hello static")
+
+
+def test_own_metrics_endpoint_is_not_traffic(plain_server):
+    """Scrapes of the tool's /metrics over plain HTTP are never requests."""
+    require_bpf()
+    from conftest import free_port
+    port = free_port()
+    t = Tracer("--plain", "--comm", "curl", "--prometheus-port", str(port))
+    try:
+        metrics = "http://127.0.0.1:%d/metrics" % port
+        scrape, _ = run_client(["curl", "-sf", "-o", "/dev/null", metrics,
+                                "--next", "-sf", "-o", "/dev/null", metrics])
+        put, _ = run_client(["curl", "-s", "-X", "PUT", "http://127.0.0.1:%d"
+                             "/ownmetrics" % plain_server.port])
+        assert len(t.wait_records(1, pid=put)) == 1
+        assert t.records(pid=scrape) == []
+        _, page = run_client(["curl", "-sf", metrics])
+        assert 'bucket="metrics"' not in page
+        assert 'bucket="ownmetrics"' in page
+    finally:
+        t.stop()
