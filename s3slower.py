@@ -2937,6 +2937,14 @@ class Tracer:
             line = format_text(request, self.clock)
         self.out.write(line + "\n")
 
+    def disable(self):
+        """Unhook the parser: probes that still fire record nothing."""
+        for table in ("uprobe_parser", "tracepoint_parser"):
+            try:
+                del self.bpf[table][ctypes.c_int(0)]
+            except Exception:
+                pass
+
     def lost_events(self):
         return int(self.stats_map[ctypes.c_int(0)].value)
 
@@ -3076,9 +3084,44 @@ def main(argv=None):
         # The reader went away (| head): end quietly, as a pipeline expects.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         tracer.finish(print_stats=False)
+    tracer.disable()
+    leave_probes_behind()
     return 0
+
+
+def leave_probes_behind():
+    """Let a child own the probes' teardown, so this process ends now.
+
+    Releasing a uprobe waits for an RCU grace period or two in the kernel,
+    about 100 ms each here: tens of probes took seconds, whether BCC detached
+    them one by one or the kernel closed them at exit. A forked child holds
+    the same descriptors; once this process is gone it exits, and the last
+    references (and the waiting) are its. The probes no longer report: the
+    parser is unhooked first (Tracer.disable)."""
+    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    parent_gone, parent_alive = os.pipe()
+    if os.fork() == 0:
+        os.close(parent_alive)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):         # a pipe reader must not wait for us
+            os.dup2(null, fd)
+        os.read(parent_gone, 1)      # returns when the parent has exited
+        os._exit(0)
+    os.close(parent_gone)
 
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)
-    sys.exit(main())
+    status = main()
+    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    # No interpreter teardown: BCC would detach every probe one by one.
+    os._exit(status)
