@@ -730,7 +730,7 @@ STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
+#define TASK_COMM_LEN 16     /* linux/sched.h would cost a second of compile */
 
 #define REQ_CAP __REQ_CAP__
 #define RESP_CAP __RESP_CAP__

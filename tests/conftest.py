@@ -2,6 +2,11 @@
 
 End-to-end tests need root and BCC. Where they are missing the tests skip,
 unless S3SLOWER_REQUIRE_BPF=1 (set by .ci/run), where they fail instead.
+
+tests/vm runs only inside the VM stage's guest (tests/vm/stage.sh, run by
+tests/run.sh, sets S3SLOWER_VM_GUEST=1): a host run does not collect it.
+S3SLOWER_TRACER_START_TIMEOUT: seconds a Tracer may take to start (60;
+the emulated guest needs more).
 """
 
 import json
@@ -23,6 +28,12 @@ sys.path.insert(0, ROOT)
 # which has boto3 and friends after ./install.sh --tests.
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") \
     else sys.executable
+
+if os.environ.get("S3SLOWER_VM_GUEST") != "1":
+    collect_ignore = ["vm"]
+
+TRACER_START_TIMEOUT = float(os.environ.get("S3SLOWER_TRACER_START_TIMEOUT")
+                             or 60)
 
 
 def bpf_unavailable_reason():
@@ -111,13 +122,16 @@ class Tracer:
         self.err = tempfile.NamedTemporaryFile(prefix="s3slower", suffix=".err",
                                                delete=False)
         cmd = ([python] if python else []) + [TOOL, "--json"] + list(args)
+        started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err,
                                      stdin=subprocess.DEVNULL)
         ready = wait_until(lambda: "\nTracing" in "\n" + self.stderr() or
-                           self.proc.poll() is not None, 60)
+                           self.proc.poll() is not None,
+                           TRACER_START_TIMEOUT)
         if not ready or self.proc.poll() is not None:
             stop_process(self.proc, signal.SIGKILL)
             raise AssertionError("tracer did not start:\n" + self.stderr())
+        self.start_seconds = time.monotonic() - started
 
     def stderr(self):
         with open(self.err.name, errors="replace") as f:
@@ -159,9 +173,10 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def tracer():
-    """One host-wide tracer for the session; tests select by client pid."""
+    """One host-wide tracer for the session; tests select by client pid.
+    Plain HTTP on, so every TLS test also checks nothing is reported twice."""
     require_bpf()
-    t = Tracer()
+    t = Tracer("--plain")
     yield t
     t.stop()
 
@@ -184,3 +199,14 @@ def python_client(code, *args, timeout=120):
     """Run Python code (a client) under the distribution's interpreter."""
     return run_client([PYTHON, "-c", code] + [str(a) for a in args],
                       timeout=timeout)
+
+
+# --- tests/test_matrix.py: the matrix's size and seed (the environment
+# variables S3SLOWER_MATRIX_CASES and S3SLOWER_MATRIX_SEED do the same) ---
+def pytest_addoption(parser):
+    group = parser.getgroup("s3slower matrix (tests/test_matrix.py)")
+    group.addoption("--matrix-cases", type=int, default=None, metavar="N",
+                    help="cases in the generated matrix (default 600; "
+                         "the long run: 20000)")
+    group.addoption("--matrix-seed", type=int, default=None, metavar="N",
+                    help="seed of the generated matrix (default: random)")
