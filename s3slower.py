@@ -469,27 +469,105 @@ def go_return_offsets(path, address, size):
             if insn.mnemonic == "ret"]
 
 
-_scanned = {}      # (dev, ino, size, mtime) -> families: rescans stay cheap
+class ScanCache:
+    """Which TLS families are built into a file, by (device, inode, size,
+    mtime): a file is read once, and (on disk) once across starts."""
+
+    PATH = "/var/cache/s3slower/elf-scan.json"
+    LIMIT = 200000
+
+    def __init__(self, path=PATH):
+        self.path = path
+        self.entries = {}
+        self.dirty = False
+        try:
+            with open(path) as f:
+                self.entries = {k: set(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+
+    def families(self, path, st):
+        """Families whose TLS is compiled into path: "openssl", "go"."""
+        ident = "%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size,
+                                 st.st_mtime_ns)
+        found = self.entries.get(ident)
+        if found is None:
+            if len(self.entries) >= self.LIMIT:
+                self.entries.clear()
+            symbols = elf_functions(path, STATIC_OPENSSL + (GO_READ,))
+            found = {family for family, needed in (
+                ("openssl", STATIC_OPENSSL), ("go", (GO_READ,)))
+                if symbols.issuperset(needed)}
+            self.entries[ident] = found
+            self.dirty = True
+        return found
+
+    def save(self):
+        if not self.dirty:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({k: sorted(v) for k, v in self.entries.items()}, f)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:
+            pass
 
 
-def built_in_tls(path, st):
-    """Families whose TLS is compiled into path: "openssl" and/or "go"."""
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if ident not in _scanned:
-        if len(_scanned) > 100000:
-            _scanned.clear()
-        found = elf_functions(path, STATIC_OPENSSL + (GO_READ,))
-        _scanned[ident] = {family for family, needed in (
-            ("openssl", STATIC_OPENSSL), ("go", (GO_READ,)))
-            if found.issuperset(needed)}
-    return _scanned[ident]
+SCAN_CACHE = ScanCache()
+
+# Where programs a user may run later live: PATH and the install places.
+INSTALL_DIRS = ("/usr/local", "/opt", "/snap/bin")
+INSTALL_DEPTH = 5            # directory levels looked into below them
+MAX_CANDIDATES = 50000
+SCAN_SECONDS = 10            # at start; a warm cache needs a fraction
 
 
-def discover_libraries(families, extra, pid=None, known=None):
+def program_dirs():
+    """Directories of PATH (and the usual ones) as a shell names them."""
+    dirs = os.environ.get("PATH", "").split(":") + [
+        "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
+        "/sbin", "/bin"]
+    return list(OrderedDict.fromkeys(d for d in dirs if d.startswith("/")))
+
+
+def candidate_files():
+    """Executables and shared libraries a user may run later: on PATH, and
+    below /usr/local, /opt and /snap/bin. Yields paths (symlinks resolved
+    by the scan's stat)."""
+    count = 0
+    for directory in program_dirs():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            count += 1
+            if count > MAX_CANDIDATES:
+                return
+            yield os.path.join(directory, name)
+    for top in INSTALL_DIRS:
+        base = top.count("/")
+        for root, dirs, names in os.walk(top):
+            if root.count("/") - base >= INSTALL_DEPTH:
+                dirs[:] = []
+            for name in names:
+                if ".so" in name or "." not in name:
+                    count += 1
+                    if count > MAX_CANDIDATES:
+                        return
+                    yield os.path.join(root, name)
+
+
+def discover_libraries(families, extra, pid=None, known=None,
+                       candidates=(), loader_cache=True):
     """Distinct files to attach to, one per (family, device, inode).
 
     families: names from FAMILIES to auto-discover; extra: (family, path)
-    pairs the user forced; pid: only what that process maps. Files whose
+    pairs the user forced; pid: only what that process maps; candidates:
+    more files to look into (programs not running yet). Files whose
     identity is in known (a set, updated) are left out: what a rescan
     finds is only what is new. Returns (files, number of files scanned).
     """
@@ -516,16 +594,19 @@ def discover_libraries(families, extra, pid=None, known=None):
             add(family, path, st, static=not pattern or
                 not pattern.search(os.path.basename(path)))
     scanned = set()
-    # Files processes run, then the loader's cache (with --pid too: the
-    # process may load a TLS library later).
-    for path, from_process in [(p, True) for p in process_files(
-            [pid] if pid else all_pids())] + \
-            [(p, False) for p in loader_cache_paths()]:
+    look_inside = "openssl" in families or "go" in families
+    # Files processes run, files they may run, then the loader's cache (with
+    # --pid too: the process may load a TLS library later).
+    sources = [(p, True) for p in process_files(
+        [pid] if pid else all_pids())]
+    sources += [(p, True) for p in candidates]
+    if loader_cache:
+        sources += [(p, False) for p in loader_cache_paths()]
+    for path, scan in sources:
         name = os.path.basename(path)
         matched = [f for f in families if FAMILIES[f]["pattern"] and
                    FAMILIES[f]["pattern"].search(name)]
-        scan = from_process and ("openssl" in families or "go" in families)
-        if not matched and not scan:
+        if not matched and not (scan and look_inside):
             continue
         st = stat(path)
         if st is None:
@@ -534,7 +615,7 @@ def discover_libraries(families, extra, pid=None, known=None):
             add(family, path, st)
         if not matched and (st.st_dev, st.st_ino) not in scanned:
             scanned.add((st.st_dev, st.st_ino))
-            built_in = built_in_tls(path, st)
+            built_in = SCAN_CACHE.families(path, st)
             for family in families:
                 if family in built_in:
                     add(family, path, st, static=True)
@@ -555,6 +636,7 @@ MAX_RUNS = 32             # ... and runs (tail calls) per read or write
 MAX_INFLIGHT = 2048       # requests sent and not yet answered, host-wide
 WAKE_EVERY = 32           # records per CPU between reader wake-ups
 POLL_MS = 50              # ... and the reader's timer: the output delay
+SECOND_LOOK = 0.2         # s after a new program's exec: look again
 
 # HTTP/1.x framing as a table-driven automaton. The kernel walks the same
 # tables a byte at a time with no branches but the loop's (the verifier's
@@ -724,7 +806,7 @@ def http_scan(state, data, acc=0, status=0, flags=0):
     return state, pos, acc, status, flags, head
 
 
-REC_REQUEST, REC_EXIT = 1, 2
+REC_REQUEST, REC_EXIT, REC_EXEC = 1, 2, 3
 RF_COMPLETE, RF_HEAD_METHOD, RF_CLOSE_DELIMITED = 1, 2, 4
 STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 
@@ -742,7 +824,7 @@ BPF_TEXT = r"""
 #define WAKE_EVERY __WAKE_EVERY__
 #define PLAIN_HTTP __PLAIN_HTTP__
 
-enum { REC_REQUEST = 1, REC_EXIT = 2 };
+enum { REC_REQUEST = 1, REC_EXIT = 2, REC_EXEC = 3 };
 enum { RF_COMPLETE = 1, RF_HEAD_METHOD = 2, RF_CLOSE_DELIMITED = 4 };
 enum { STAT_LOST = 0, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED };
 enum { LIB_OPENSSL = 1, LIB_GNUTLS, LIB_NSS, LIB_PLAIN, LIB_GO };
@@ -1569,6 +1651,45 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 
+/* Programs started from now on: an exec of a file user space has not
+ * looked at yet is reported at once, with the path, so its probes can be
+ * in place before it talks TLS. Paths already looked at (known_execs,
+ * filled by user space and here) cost one hash and one lookup. */
+BPF_TABLE("lru_hash", u64, u8, known_execs, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!pass_filters(tgid))
+        return 0;
+    u32 zero = 0;
+    struct record *r = blank.lookup(&zero);
+    if (!r)
+        return 0;
+    int len = bpf_probe_read_kernel_str(r->req_data, 256,
+        (void *)args + (args->data_loc_filename & 0xffff));
+    if (len <= 1)
+        return 0;
+    u64 hash = 0xcbf29ce484222325ULL;         /* FNV-1a, as path_hash() */
+    for (int i = 0; i < 255; i++) {
+        u8 c = r->req_data[i];
+        if (!c)
+            break;
+        hash = (hash ^ c) * 0x100000001b3ULL;
+    }
+    u8 one = 1;
+    if (known_execs.lookup(&hash) || known_execs.insert(&hash, &one) != 0)
+        return 0;
+    r->type = REC_EXEC;
+    r->tgid = tgid;
+    r->req_start = bpf_ktime_get_ns();
+    r->req_cap = len - 1;
+    u64 size = offsetof(struct record, req_data) + 256;
+    if (records.ringbuf_output(r, size, BPF_RB_FORCE_WAKEUP) != 0)
+        count_stat(STAT_LOST);
+    return 0;
+}
+
 #if PLAIN_HTTP
 /* Plain HTTP from syscall tracepoints (no kprobes needed). A TCP socket is
  * one this process created with socket(AF_INET/AF_INET6, SOCK_STREAM) while
@@ -1927,6 +2048,14 @@ Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "req_bytes resp_bytes handle tgid tid seq "
                               "req_head resp_head status req_cap resp_cap "
                               "type lib flags comm resp_data req_data")
+
+
+def path_hash(path):
+    """The kernel's hash of an exec path (FNV-1a 64 over its bytes)."""
+    h = 0xcbf29ce484222325
+    for byte in path.encode("utf-8", "surrogateescape")[:255]:
+        h = ((h ^ byte) * 0x100000001b3) & 0xffffffffffffffff
+    return h
 
 
 def decode_record(raw):
@@ -2753,8 +2882,17 @@ def attach_go(bpf, lib):
     return names
 
 
-def attach_probes(bpf, libraries, prefix="  "):
-    """Attach every probe of each library; returns {family: count}."""
+def attach_probes(bpf, libraries, prefix="  ", exec_ns=None):
+    """Attach every probe of each library; returns {family: count}. With
+    exec_ns (the exec that made us look), each line says how long after
+    that exec the file's probes were in place."""
+
+    def since_exec():
+        if exec_ns is None:
+            return ""
+        return ", %.1f ms after exec" % (
+            (time.monotonic_ns() - exec_ns) / NS_PER_MS)
+
     attached = defaultdict(int)
     skipped = []
     for lib in libraries:
@@ -2766,7 +2904,8 @@ def attach_probes(bpf, libraries, prefix="  "):
                                                         exc))
                 continue
             attached["go"] += len(names)
-            progress("%sgo %s (%s)" % (prefix, lib.path, ", ".join(names)))
+            progress("%sgo %s (%s%s)" % (prefix, lib.path, ", ".join(names),
+                                         since_exec()))
             continue
         names = []
         for symbol, kind in FAMILIES[lib.family]["probes"]:
@@ -2782,9 +2921,9 @@ def attach_probes(bpf, libraries, prefix="  "):
             names.append(symbol)
         if names:
             attached[lib.family] += len(names)
-            progress("%s%s%s %s (%s)" % (
+            progress("%s%s%s %s (%s%s)" % (
                 prefix, lib.family, " built into" if lib.static else "",
-                lib.path, ", ".join(names)))
+                lib.path, ", ".join(names), since_exec()))
         else:
             skipped.append(lib.path)
     if skipped:
@@ -2820,6 +2959,7 @@ class Tracer:
         self.bpf = None
         self.error = None
         self.plain = bool(args.plain or args.port)
+        self.second_looks = deque()     # (when, pid) after an exec
         self.records = 0
         self.reported = 0
         self.incomplete = 0
@@ -2879,8 +3019,23 @@ class Tracer:
         self.inflight = self.bpf["inflight"]
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
+        self.arm_exec_filter()
         self.bpf["records"].open_ring_buffer(self.on_record)
         return attached
+
+    def arm_exec_filter(self):
+        """Programs on PATH were looked at by the start-up scan: their execs
+        need not reach user space."""
+        table = self.bpf["known_execs"]
+        one = table.Leaf(1)
+        for directory in program_dirs():
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                table[table.Key(path_hash(os.path.join(directory, name)))] \
+                    = one
 
     def on_record(self, ctx, data, size):
         # ctypes would print and swallow an exception raised here: keep it
@@ -2890,6 +3045,9 @@ class Tracer:
             rec = decode_record(ctypes.string_at(data, size))
             if rec.type == REC_EXIT:
                 self.sweep(rec.tgid)
+            elif rec.type == REC_EXEC:
+                self.on_exec(rec.tgid, rec.req_data.decode(
+                    "utf-8", "surrogateescape"), rec.req_start)
             else:
                 self.report(build_request(rec, self.args.endpoint))
         except BaseException as exc:
@@ -2960,6 +3118,13 @@ class Tracer:
             if next_rescan and time.monotonic() >= next_rescan:
                 self.rescan()
                 next_rescan = time.monotonic() + rescan
+            while self.second_looks and \
+                    self.second_looks[0][0] <= time.monotonic():
+                _, pid = self.second_looks.popleft()
+                new, _ = discover_libraries(
+                    selected_families(self.args), [], pid, self.known,
+                    loader_cache=False)
+                self.attach_new(new)
             self.bpf.ring_buffer_poll(POLL_MS)
             self.bpf.ring_buffer_consume()
             if self.error:
@@ -2981,9 +3146,27 @@ class Tracer:
         """Attach to TLS library files that appeared since the last look."""
         new, _ = discover_libraries(selected_families(self.args), [],
                                     self.args.pid, self.known)
+        self.attach_new(new)
+        SCAN_CACHE.save()
+
+    def on_exec(self, pid, path, exec_ns):
+        """A program user space has not seen started: look at its file and
+        what it maps now, and once more a little later (libraries it loads
+        after its start)."""
+        candidates = [path] if path.startswith("/") else []
+        if os.path.exists("/proc/%d" % pid):
+            candidates = []     # its own view: /proc/PID/exe, its root
+        new, _ = discover_libraries(selected_families(self.args), [], pid,
+                                    self.known, candidates,
+                                    loader_cache=False)
+        self.attach_new(new, exec_ns)
+        self.second_looks.append((time.monotonic() + SECOND_LOOK, pid))
+
+    def attach_new(self, new, exec_ns=None):
         if not new:
             return
-        attached = attach_probes(self.bpf, new, prefix="s3slower: new: ")
+        attached = attach_probes(self.bpf, new, prefix="s3slower: new: ",
+                                 exec_ns=exec_ns)
         for family, count in attached.items():
             self.attached[family] += count
             if self.prometheus:
@@ -2999,6 +3182,7 @@ class Tracer:
         self.tables_out.flush()
 
     def finish(self, print_stats=True):
+        SCAN_CACHE.save()
         if print_stats:
             self.bpf.ring_buffer_consume()
             self.sweep()
@@ -3041,11 +3225,27 @@ def main(argv=None):
         progress("Attaching to TLS libraries...")
         known = set()
         started = time.monotonic()
+        deadline = started + SCAN_SECONDS
+        cut = []
+
+        def programs():
+            """Files users may run later, for as long as the scan may take."""
+            for path in candidate_files():
+                if time.monotonic() > deadline:
+                    cut.append(path)
+                    return
+                yield path
+
         libraries, scanned = discover_libraries(
-            selected_families(args), forced_libraries(args), args.pid, known)
-        progress("  looked for built-in OpenSSL and Go crypto/tls in %d "
-                 "other files in use (%.2f s)" % (
-                     scanned, time.monotonic() - started))
+            selected_families(args), forced_libraries(args), args.pid, known,
+            () if args.pid else programs())
+        SCAN_CACHE.save()
+        progress("  looked inside %d files (running, on PATH, under %s) for "
+                 "built-in OpenSSL and Go crypto/tls in %.2f s%s" % (
+                     scanned, ", ".join(INSTALL_DIRS),
+                     time.monotonic() - started,
+                     "; stopped after %d s, the rest is looked at when it "
+                     "runs" % SCAN_SECONDS if cut else ""))
         if not libraries:
             raise Fatal("no TLS library found (looked for %s); give one with "
                         "--libssl/--libgnutls/--libnss" %
