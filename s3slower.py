@@ -881,7 +881,10 @@ struct conn_state {
     u32 sent;           /* requests started on this connection */
     u32 answered;       /* responses finished: request answered+1 is next */
     u8 ignored;         /* not HTTP/1.x: never looked at again */
-    u8 pad[7];
+    u8 adopted;         /* a socket we did not see created, followed from a
+                         * write that looked like a request: until a real
+                         * response comes back, nothing of it is reported */
+    u8 pad[6];
 };
 
 /* One request in flight, and the record user space gets for it: the
@@ -948,6 +951,7 @@ struct call_args {
     u64 iov;            /* syscalls with an iovec array: the array */
     u32 iovcnt;
     u32 lib;
+    u32 adopt;          /* plain socket first seen at this write */
 };
 
 /* LRU everywhere: a thread killed inside SSL_read, a connection never
@@ -1050,6 +1054,11 @@ static __always_inline void end_conn(struct conn_key *k, struct conn_state *s)
         struct record *r = find_record(k, seq);
         if (!r)
             continue;
+        if (s->adopted) {
+            struct req_key rk = {.conn = *k, .seq = seq};
+            inflight.delete(&rk);
+            continue;
+        }
         emit(k, r, i == 0 && s->resp.phase == P_CLOSE ? RF_COMPLETE : 0);
     }
     conns.delete(k);
@@ -1145,6 +1154,7 @@ static __always_inline void response_done(struct work *w, struct conn_state *s)
     else
         count_stat(STAT_EVICTED);
     s->answered++;
+    s->adopted = 0;       /* a response: HTTP it is */
     if (s->resp.status == 101)
         s->ignored = 1;   /* switched protocols: no more HTTP/1.x */
     s->resp.phase = P_IDLE;
@@ -1512,6 +1522,7 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
                 bpf_probe_read_user(head, sizeof(head), (void *)first);
             struct conn_state fresh = {};
             fresh.ignored = !is_request_start(head);
+            fresh.adopted = a->adopt;
             conns.update(&k, &fresh);
             if (fresh.ignored)
                 return 0;
@@ -1710,13 +1721,42 @@ static __always_inline int tcp_fd(u32 fd)
     return tcp_fds.lookup(&fk) != 0;
 }
 
+/* A socket connected before we started: adopted at a write that begins
+ * like an HTTP request (the first bytes only: cheap for every other
+ * write on the host). Not with --port, which needs the connect. */
+static __always_inline int looks_like_request(u64 buf, u64 iov, u64 count)
+{
+    if (HAVE_PORT_FILTER)
+        return 0;
+    if (iov) {
+        u64 first[2] = {};
+        bpf_probe_read_user(first, sizeof(first), (void *)iov);
+        buf = first[0];
+        count = first[1];
+    }
+    char m[4] = {};
+    if (count < 4 || bpf_probe_read_user(m, sizeof(m), (void *)buf) != 0)
+        return 0;
+    return is_request_start(m);
+}
+
 static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 iov, u32 iovcnt,
-                                        int is_read)
+                                        int is_read, u64 count)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    if (!tcp_fd(fd) || !pass_filters(tgid))
+    u32 adopt = 0;
+    if (!tcp_fd(fd)) {
+        if (is_read || !looks_like_request(buf, iov, count) ||
+            !pass_filters(tgid) || calls.lookup(&tid))
+            return 0;
+        struct fd_key fk = {.tgid = tgid, .fd = fd};
+        u16 port = 0;
+        tcp_fds.update(&fk, &port);
+        adopt = 1;
+    } else if (!pass_filters(tgid)) {
         return 0;
+    }
     /* Inside SSL_write/SSL_read (kernel TLS: the plaintext reaches the
      * socket): the TLS probes report this request, not us. */
     if (calls.lookup(&tid))
@@ -1729,7 +1769,7 @@ static __always_inline int sys_enter_io(u32 fd, u64 buf, u64 iov, u32 iovcnt,
     }
     struct call_args a = {.handle = fd, .buf = buf, .iov = iov,
                           .iovcnt = iovcnt, .start = bpf_ktime_get_ns(),
-                          .lib = LIB_PLAIN};
+                          .lib = LIB_PLAIN, .adopt = adopt};
     sys_calls.update(&tid, &a);
     return 0;
 }
@@ -1765,26 +1805,26 @@ static __always_inline int sys_exit_io(void *ctx, long ret, int is_read)
 
 static __always_inline int msg_enter(u32 fd, u64 msg, int is_read)
 {
-    if (!tcp_fd(fd))
+    if (is_read && !tcp_fd(fd))
         return 0;
     u64 hdr[4] = {};  /* struct user_msghdr: name, namelen, iov, iovlen */
     bpf_probe_read_user(hdr, sizeof(hdr), (void *)msg);
-    return sys_enter_io(fd, 0, hdr[2], hdr[3], is_read);
+    return sys_enter_io(fd, 0, hdr[2], hdr[3], is_read, 0);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0, 0, args->count); }
 TRACEPOINT_PROBE(syscalls, sys_exit_write) { return sys_exit_io(args, args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return sys_enter_io(args->fd, (u64)args->buff, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return sys_enter_io(args->fd, (u64)args->buff, 0, 0, 0, args->len); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return sys_exit_io(args, args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return sys_enter_io(args->fd, 0, (u64)args->vec, args->vlen, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return sys_enter_io(args->fd, 0, (u64)args->vec, args->vlen, 0, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return sys_exit_io(args, args->ret, 0); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return msg_enter(args->fd, (u64)args->msg, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return sys_exit_io(args, args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return sys_enter_io(args->fd, (u64)args->buf, 0, 0, 1, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { return sys_exit_io(args, args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return sys_enter_io(args->fd, (u64)args->ubuf, 0, 0, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return sys_enter_io(args->fd, (u64)args->ubuf, 0, 0, 1, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return sys_exit_io(args, args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return sys_enter_io(args->fd, 0, (u64)args->vec, args->vlen, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return sys_enter_io(args->fd, 0, (u64)args->vec, args->vlen, 1, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return sys_exit_io(args, args->ret, 1); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return msg_enter(args->fd, (u64)args->msg, 1); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return sys_exit_io(args, args->ret, 1); }
@@ -2005,6 +2045,7 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
         port_filter = ("if (remote != %d) { tcp_fds.delete(&fk); return 0; }"
                        % port)
     pid_filter = "if (tgid != %d) return 0;" % pid if pid else ""
+    text = BPF_TEXT.replace("HAVE_PORT_FILTER", "1" if port else "0")
     comm_filter = ""
     if comm:
         want = comm.encode()[:15]
@@ -2013,7 +2054,6 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
         comm_filter = ("char c[TASK_COMM_LEN] = {}; "
                        "bpf_get_current_comm(&c, sizeof(c)); "
                        "if (%s) return 0;" % checks)
-    text = BPF_TEXT
     for name, value in (("__REQ_CAP__", REQ_CAP),
                         ("__RESP_CAP__", RESP_CAP),
                         ("__WIN__", WIN),
