@@ -885,6 +885,7 @@ struct conn_state {
                          * write that looked like a request: until a real
                          * response comes back, nothing of it is reported */
     u8 pad[6];
+    u64 sk;             /* its TCP socket, when its connect was seen */
 };
 
 /* One request in flight, and the record user space gets for it: the
@@ -917,6 +918,13 @@ struct record {
     u8 flags;           /* RF_* */
     u8 pad[3];
     char comm[TASK_COMM_LEN];
+    /* Its TCP connection: the connect (first request on it only) and
+     * the connection's retransmissions when the request started and at
+     * its last read. */
+    u64 connect_start;
+    u64 connect_end;
+    u32 retrans_start;
+    u32 retrans_end;
     char resp_data[RESP_CAP];
     char req_data[REQ_CAP];
 };
@@ -960,6 +968,19 @@ BPF_TABLE("lru_hash", u32, struct call_args, calls, 16384);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_state, conns, __MAX_CONNS__);
 BPF_TABLE("lru_hash", struct req_key, struct record, inflight, __MAX_INFLIGHT__);
 BPF_TABLE("lru_hash", u32, u8, procs, 16384);
+/* TCP connections, for why a request was slow: when the connect started
+ * (SYN sent, in the connecting thread) and ended (established), and how
+ * many segments were retransmitted. The thread's last connect is claimed
+ * by the first request it writes on a new connection. */
+struct tcp_conn {
+    u64 start;
+    u64 end;
+    u32 retrans;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", u64, struct tcp_conn, tcp_conns, __MAX_CONNS__);
+BPF_TABLE("lru_hash", u32, u64, connecting, 16384);
+
 BPF_PERCPU_ARRAY(works, struct work, 1);
 BPF_ARRAY(dfa, struct dfa_tables, 1);
 BPF_PERCPU_ARRAY(blank, struct record, 1);
@@ -1127,6 +1148,9 @@ static __always_inline void commit(struct work *w, struct conn_state *s)
         r->resp_head = s->resp.head;
         r->status = s->resp.status;
         r->resp_end = w->now;
+        struct tcp_conn *c = s->sk ? tcp_conns.lookup(&s->sk) : 0;
+        if (c)
+            r->retrans_end = c->retrans;
     } else {
         if (s->sent == 0 || s->answered >= s->sent)
             return;
@@ -1270,6 +1294,18 @@ static __always_inline int start_message(struct work *w, struct conn_state *s,
         b->resp_cap = 0;
         b->lib = w->key.lib;
         b->flags = m[0] == 'H' ? RF_HEAD_METHOD : 0;
+        b->connect_start = 0;
+        b->connect_end = 0;
+        b->retrans_start = 0;
+        struct tcp_conn *c = s->sk ? tcp_conns.lookup(&s->sk) : 0;
+        if (c) {
+            b->retrans_start = c->retrans;
+            if (s->sent == 1) {
+                b->connect_start = c->start;
+                b->connect_end = c->end;
+            }
+        }
+        b->retrans_end = b->retrans_start;
         bpf_get_current_comm(&b->comm, sizeof(b->comm));
         struct req_key rk = {.conn = w->key, .seq = s->sent};
         inflight.update(&rk, b);
@@ -1523,6 +1559,12 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
             struct conn_state fresh = {};
             fresh.ignored = !is_request_start(head);
             fresh.adopted = a->adopt;
+            u32 tid = (u32)id;
+            u64 *sk = connecting.lookup(&tid);
+            if (sk && !fresh.ignored) {
+                fresh.sk = *sk;
+                connecting.delete(&tid);
+            }
             conns.update(&k, &fresh);
             if (fresh.ignored)
                 return 0;
@@ -1659,6 +1701,38 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (records.ringbuf_output(r, offsetof(struct record, resp_data),
                                wake_flag()) != 0)
         count_stat(STAT_LOST);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != 6)              /* IPPROTO_TCP */
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    if (args->newstate == 2) {            /* TCP_SYN_SENT: connect() */
+        u64 id = bpf_get_current_pid_tgid();
+        if (!pass_filters(id >> 32))
+            return 0;
+        struct tcp_conn c = {.start = bpf_ktime_get_ns()};
+        tcp_conns.update(&sk, &c);
+        u32 tid = (u32)id;
+        connecting.update(&tid, &sk);
+    } else if (args->newstate == 1) {     /* TCP_ESTABLISHED */
+        struct tcp_conn *c = tcp_conns.lookup(&sk);
+        if (c && !c->end)
+            c->end = bpf_ktime_get_ns();
+    } else if (args->newstate == 7) {     /* TCP_CLOSE */
+        tcp_conns.delete(&sk);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+    u64 sk = (u64)args->skaddr;
+    struct tcp_conn *c = tcp_conns.lookup(&sk);
+    if (c)
+        __sync_fetch_and_add(&c->retrans, 1);
     return 0;
 }
 
@@ -2082,12 +2156,13 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
 # ---------------------------------------------------------------------------
 
 # struct record up to resp_data[]: must match the C layout above.
-RECORD_HEAD = struct.Struct("<QQQQQQQ IIIII HHH BBB3x 16s")
+RECORD_HEAD = struct.Struct("<QQQQQQQ IIIII HHH BBB3x 16s QQII")
 REQ_DATA_OFFSET = RECORD_HEAD.size + RESP_CAP
 Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "req_bytes resp_bytes handle tgid tid seq "
                               "req_head resp_head status req_cap resp_cap "
-                              "type lib flags comm resp_data req_data")
+                              "type lib flags comm connect_start connect_end "
+                              "retrans_start retrans_end resp_data req_data")
 
 
 def path_hash(path):
@@ -2100,12 +2175,13 @@ def path_hash(path):
 
 def decode_record(raw):
     """Record from the bytes of one ring buffer record (or map value)."""
-    fields = RECORD_HEAD.unpack_from(raw)
+    fields = list(RECORD_HEAD.unpack_from(raw))
     req_cap, resp_cap = fields[13], fields[14]
-    comm = fields[-1].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return Record(*fields[:-1], comm,
+    fields[18] = fields[18].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return Record(*fields,
                   bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + resp_cap]),
                   bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + req_cap]))
+
 
 # ---------------------------------------------------------------------------
 # HTTP/S3 parsing (pure functions)
@@ -2397,8 +2473,22 @@ def s3_error_code(body):
 # One completed (or abandoned) request: what every output prints.
 Request = namedtuple("Request", """start_ns pid tid comm lib host endpoint method
     path bucket key op status req_bytes resp_bytes ttfb_ms latency_ms
-    turnaround_ms request_id error_code complete truncated""",
-    defaults=(False,))
+    server_ms request_id error_code complete truncated transfer_ms
+    connect_ms tls_handshake_ms new_conn retrans why""",
+    defaults=(False,) + (None,) * 6)
+
+
+def slow_part(connect, tls, server, transfer, retrans):
+    """Which part of a request's time dominated: 'net' when its connection
+    retransmitted, else the largest of the connect, the TLS handshake, the
+    server's turnaround and the bytes' transfer. None when nothing is known."""
+    if retrans:
+        return "net"
+    parts = [(value, name) for value, name in ((connect, "conn"), (tls, "tls"),
+                                               (server, "server"),
+                                               (transfer, "xfer"))
+             if value is not None]
+    return max(parts)[1] if parts else None
 
 NS_PER_MS = 1e6
 
@@ -2423,14 +2513,29 @@ def build_request(rec, endpoints=()):
         if status and status >= 300:
             error_code = s3_error_code(rec.resp_data[rec.resp_head:]) or \
                 resp.headers.get("x-amz-error-code")
-    ttfb = turnaround = latency = None
+    ttfb = server = latency = transfer = None
     if rec.resp_start:
         ttfb = (rec.resp_start - rec.req_start) / NS_PER_MS
         if rec.resp_start >= rec.req_end:
-            turnaround = (rec.resp_start - rec.req_end) / NS_PER_MS
+            server = (rec.resp_start - rec.req_end) / NS_PER_MS
         # An unfinished response has no end: its last byte is unknown.
         if complete:
             latency = (rec.resp_end - rec.req_start) / NS_PER_MS
+            if server is not None:
+                # the rest is moving bytes: request body, response body
+                transfer = latency - server
+    connect = tls = None
+    if rec.connect_start and rec.connect_end >= rec.connect_start:
+        connect = (rec.connect_end - rec.connect_start) / NS_PER_MS
+        if rec.lib != LIB_PLAIN and rec.req_start >= rec.connect_end:
+            tls = (rec.req_start - rec.connect_end) / NS_PER_MS
+    # A first request opened its connection if we saw the connect; a later
+    # one reused it; a first one on a connection older than us: unknown.
+    new_conn = True if connect is not None else False if rec.seq > 1 \
+        else None
+    retrans = rec.retrans_end - rec.retrans_start if \
+        rec.retrans_end >= rec.retrans_start and \
+        (rec.seq > 1 or connect is not None) else None
     return Request(
         start_ns=rec.req_start, pid=rec.tgid, tid=rec.tid, comm=rec.comm,
         lib=LIB_NAMES.get(rec.lib, "unknown"), host=host,
@@ -2439,9 +2544,12 @@ def build_request(rec, endpoints=()):
         key=target.key if target else None, op=op, status=status,
         req_bytes=rec.req_bytes,
         resp_bytes=rec.resp_bytes if rec.resp_start else None,
-        ttfb_ms=ttfb, latency_ms=latency, turnaround_ms=turnaround,
+        ttfb_ms=ttfb, latency_ms=latency, server_ms=server,
         request_id=request_id, error_code=error_code, complete=complete,
-        truncated=rec.req_head > len(rec.req_data))
+        truncated=rec.req_head > len(rec.req_data), transfer_ms=transfer,
+        connect_ms=connect, tls_handshake_ms=tls, new_conn=new_conn,
+        retrans=retrans, why=slow_part(connect, tls, server, transfer,
+                                       retrans))
 
 
 # ---------------------------------------------------------------------------
@@ -2510,18 +2618,27 @@ class LatencyHistogram:
 
 
 class RowStats:
-    """One table row: latencies of complete requests, errors, incomplete."""
+    """One table row: latencies of complete requests (and their server and
+    transfer parts), errors, incomplete ones, new connections."""
 
-    __slots__ = ("latency", "count", "errors", "incomplete")
+    __slots__ = ("latency", "server", "transfer", "count", "errors",
+                 "incomplete", "new_conns")
 
     def __init__(self):
         self.latency = LatencyHistogram()
-        self.count = self.errors = self.incomplete = 0
+        self.server = LatencyHistogram()
+        self.transfer = LatencyHistogram()
+        self.count = self.errors = self.incomplete = self.new_conns = 0
 
     def add(self, request):
         self.count += 1
-        if request.latency_ms is not None:
-            self.latency.add(request.latency_ms)
+        if request.new_conn:
+            self.new_conns += 1
+        for hist, value in ((self.latency, request.latency_ms),
+                            (self.server, request.server_ms),
+                            (self.transfer, request.transfer_ms)):
+            if value is not None:
+                hist.add(value)
         if not request.complete:
             self.incomplete += 1
         elif request.status is None or request.status >= 400:
@@ -2554,9 +2671,11 @@ class StatsTable:
             out.append("=== %s %s ===" % (title, escape_text(group)))
             width = max([len(row_label)] + [len(escape_text(r)) for r, _ in rows])
             # The seed's columns first (scripts read them), then ours.
-            line = "%-*s %7s %9s %9s %9s %9s %7s %8s"
+            line = "%-*s %7s %9s %9s %9s %9s %7s %8s %9s %9s %9s %9s %5s"
             out.append(line % (width, row_label, "Count", "p50(ms)", "p90(ms)",
-                               "p99(ms)", "max(ms)", "Errors", "Incompl"))
+                               "p99(ms)", "max(ms)", "Errors", "Incompl",
+                               "srv_p50", "srv_p99", "xfer_p50", "xfer_p99",
+                               "New%"))
             for row, r in rows:
                 hist = r.latency
                 out.append(line % (
@@ -2564,7 +2683,11 @@ class StatsTable:
                     _fmt_quantile(hist, 0.5), _fmt_quantile(hist, 0.9),
                     _fmt_quantile(hist, 0.99),
                     "%.2f" % hist.max if hist.count else "-", r.errors,
-                    r.incomplete))
+                    r.incomplete, _fmt_quantile(r.server, 0.5),
+                    _fmt_quantile(r.server, 0.99),
+                    _fmt_quantile(r.transfer, 0.5),
+                    _fmt_quantile(r.transfer, 0.99),
+                    "%d" % round(100.0 * r.new_conns / r.count)))
             out.append("")
         return "\n".join(out)
 
@@ -2669,10 +2792,10 @@ def _fmt_int(value):
 
 
 # OP fits the longest operation name (CompleteMultipartUpload).
-TEXT_FORMAT = "%-12s %-7s %9s %9s %-15s %-24s %-7s %-23s %6s %10s %10s %s"
+TEXT_FORMAT = "%-12s %-7s %9s %9s %-6s %-15s %-24s %-7s %-23s %6s %10s %10s %s"
 TEXT_HEADER = TEXT_FORMAT % (
-    "TIME", "PID", "LAT(ms)", "TTFB(ms)", "COMM", "HOST", "METHOD", "OP",
-    "STATUS", "REQ_B", "RESP_B", "PATH")
+    "TIME", "PID", "LAT(ms)", "TTFB(ms)", "WHY", "COMM", "HOST", "METHOD",
+    "OP", "STATUS", "REQ_B", "RESP_B", "PATH")
 
 
 def format_text(request, clock):
@@ -2681,6 +2804,7 @@ def format_text(request, clock):
     return TEXT_FORMAT % (
         when.strftime("%H:%M:%S.%f")[:12], request.pid,
         _fmt_ms(request.latency_ms), _fmt_ms(request.ttfb_ms),
+        request.why or "-",
         escape_text(request.comm), escape_text(request.host or "-"),
         request.method or "-", request.op or "-", status,
         _fmt_int(request.req_bytes), _fmt_int(request.resp_bytes),
@@ -2704,7 +2828,12 @@ def format_json(request, clock):
         ("req_bytes", request.req_bytes), ("resp_bytes", request.resp_bytes),
         ("ttfb_ms", _round(request.ttfb_ms)),
         ("latency_ms", _round(request.latency_ms)),
-        ("turnaround_ms", _round(request.turnaround_ms)),
+        ("server_ms", _round(request.server_ms)),
+        ("transfer_ms", _round(request.transfer_ms)),
+        ("connect_ms", _round(request.connect_ms)),
+        ("tls_handshake_ms", _round(request.tls_handshake_ms)),
+        ("new_conn", request.new_conn), ("retrans", request.retrans),
+        ("why", request.why),
         ("request_id", request.request_id),
         ("error_code", request.error_code), ("complete", request.complete),
         ("truncated", request.truncated),
@@ -2740,6 +2869,19 @@ class PrometheusOutput:
             "s3slower_time_to_first_byte_seconds",
             "First byte of the request written to first byte of the response.",
             labels, buckets=LATENCY_BUCKETS, registry=registry)
+        self.server = Histogram(
+            "s3slower_server_seconds",
+            "Last byte of the request written to first byte of the response: "
+            "the server's share.", labels, buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.transfer = Histogram(
+            "s3slower_transfer_seconds",
+            "Time moving the request and response bodies: latency less the "
+            "server's share.", labels, buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.retransmits = Counter(
+            "s3slower_retransmits", "TCP segments retransmitted during "
+            "requests.", ("host",), registry=registry)
         self.requests = Counter(
             "s3slower_requests", "Requests seen.", labels + ("status",),
             registry=registry)
@@ -2767,8 +2909,13 @@ class PrometheusOutput:
         self.requests.labels(*values, status).inc()
         if request.latency_ms is not None:
             self.duration.labels(*values).observe(request.latency_ms / 1e3)
-        if request.ttfb_ms is not None:
-            self.ttfb.labels(*values).observe(request.ttfb_ms / 1e3)
+        for metric, value in ((self.ttfb, request.ttfb_ms),
+                              (self.server, request.server_ms),
+                              (self.transfer, request.transfer_ms)):
+            if value is not None:
+                metric.labels(*values).observe(value / 1e3)
+        if request.retrans:
+            self.retransmits.labels(host).inc(request.retrans)
         if request.req_bytes:
             self.req_bytes.labels(*values).inc(request.req_bytes)
         if request.resp_bytes:

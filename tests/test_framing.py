@@ -167,7 +167,8 @@ def record(**fields):
                 resp_end=0, req_bytes=0, resp_bytes=0, handle=7, tgid=42,
                 tid=43, seq=1, req_head=0, resp_head=0, status=0,
                 type=s.REC_REQUEST, lib=1, flags=0, comm=b"curl",
-                resp_data=b"", req_data=b"")
+                connect_start=0, connect_end=0, retrans_start=0,
+                retrans_end=0, resp_data=b"", req_data=b"")
     base.update(fields)
     req, resp = base.pop("req_data"), base.pop("resp_data")
     base["req_head"] = base["req_head"] or len(req)
@@ -176,7 +177,9 @@ def record(**fields):
         base["resp_end"], base["req_bytes"], base["resp_bytes"],
         base["handle"], base["tgid"], base["tid"], base["seq"],
         base["req_head"], base["resp_head"], base["status"], len(req),
-        len(resp), base["type"], base["lib"], base["flags"], base["comm"])
+        len(resp), base["type"], base["lib"], base["flags"], base["comm"],
+        base["connect_start"], base["connect_end"], base["retrans_start"],
+        base["retrans_end"])
     return head + resp.ljust(s.RESP_CAP, b"\0") + req
 
 
@@ -197,7 +200,8 @@ def test_complete_record_to_request():
         ("GET", "bkt", "dir/k.txt", "GetObject")
     assert "secret" not in req.path and "X-Amz-Signature=REDACTED" in req.path
     assert (req.status, req.resp_bytes, req.req_bytes) == (404, 60, 0)
-    assert (req.ttfb_ms, req.latency_ms, req.turnaround_ms) == (2.0, 4.5, 1.8)
+    assert (req.ttfb_ms, req.latency_ms, req.server_ms) == (2.0, 4.5, 1.8)
+    assert req.transfer_ms == pytest.approx(2.7) and req.why == "xfer"
     assert (req.request_id, req.error_code) == ("RID1", "NoSuchKey")
     assert req.complete and not req.truncated and req.comm == "curl"
 
@@ -257,9 +261,9 @@ def test_operation_does_not_depend_on_signatures():
 
 
 def test_record_layout_matches_the_c_struct():
-    # offsets the C struct has: the fixed head is 104 bytes, then resp_data
-    assert s.RECORD_HEAD.size == 104
-    assert s.REQ_DATA_OFFSET == 104 + s.RESP_CAP
-    exit_record = s.decode_record(record(type=s.REC_EXIT, tgid=99)[:104])
+    # offsets the C struct has: the fixed head is 128 bytes, then resp_data
+    assert s.RECORD_HEAD.size == 128
+    assert s.REQ_DATA_OFFSET == 128 + s.RESP_CAP
+    exit_record = s.decode_record(record(type=s.REC_EXIT, tgid=99)[:128])
     assert (exit_record.type, exit_record.tgid) == (s.REC_EXIT, 99)
-    assert struct.calcsize("<QQQQQQQ IIIII HHH BBB3x 16s") == 104
+    assert struct.calcsize("<QQQQQQQ IIIII HHH BBB3x 16s QQII") == 128

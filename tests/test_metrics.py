@@ -19,7 +19,8 @@ def request(i=0, host="s3.example.com", bucket="b", op="GetObject",
             latency=12.0, status=200):
     return s.Request(0, 1, 1, "c", "openssl", host, host, "GET", "/b/k",
                      bucket, "k", op, status, 0, 5, latency / 2, latency,
-                     1.0, "R%d" % i, None, True)
+                     1.0, "R%d" % i, None, True, transfer_ms=latency - 1.0,
+                     retrans=i % 3)
 
 
 def metrics_text(prometheus):
@@ -44,8 +45,9 @@ def test_label_cardinality_stays_under_the_cap():
     hosts = {m for line in lines for m in re.findall(r'host="([^"]*)"', line)}
     assert len(hosts) == 51 and "other" in hosts
     assert len(buckets) <= 51 and "other" in buckets
-    # Per label set: 2 histograms of 16+3 lines, requests, response bytes.
-    assert len(lines) < 101 * (2 * 19 + 2) + 10
+    # Per label set: 4 histograms of 16+3 lines, requests, response bytes;
+    # retransmits per host.
+    assert len(lines) < 101 * (4 * 19 + 2) + 51 + 10
 
 
 def test_bucket_table_is_capped_and_sorted():

@@ -70,15 +70,19 @@ def test_stats_tables_render_sorted_and_aligned():
     lines = text.splitlines()
     header = lines[1].split()
     assert header == ["Method", "Count", "p50(ms)", "p90(ms)", "p99(ms)",
-                      "max(ms)", "Errors", "Incompl"]
+                      "max(ms)", "Errors", "Incompl", "srv_p50", "srv_p99",
+                      "xfer_p50", "xfer_p99", "New%"]
     get = lines[2].split()
-    assert get[:2] == ["GET", "3"] and get[-2:] == ["0", "0"]
+    assert get[:2] == ["GET", "3"] and get[6:8] == ["0", "0"]
+    assert get[8:10] == ["0.50", "0.50"] and get[-1] == "0"
     for shown, exact in zip(get[2:6], (2.0, 3.0, 3.0, 3.0)):   # nearest rank
         assert abs(float(shown) - exact) <= 0.01 * exact + 0.005
     rows = {line.split()[0]: line.split() for line in lines[3:5]}
-    assert rows["PUT"][1] == "1" and rows["PUT"][-2:] == ["1", "0"]
+    assert rows["PUT"][1] == "1" and rows["PUT"][6:8] == ["1", "0"]
     # an incomplete request counts, under its own column, with no time
-    assert rows["DELETE"] == ["DELETE", "1", "-", "-", "-", "-", "0", "1"]
+    # (its server time is known: the response began)
+    assert rows["DELETE"] == ["DELETE", "1", "-", "-", "-", "-", "0", "1",
+                              "0.50", "0.50", "-", "-", "0"]
     assert "=== S3 operations for h1 ===" in text
 
 
