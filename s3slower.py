@@ -1775,16 +1775,33 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
+/* A request body the kernel sends from a file: sendfile(2), splice(2),
+ * and SSL_sendfile with kernel TLS (the head went through SSL_write, the
+ * body never passes the library). Counted, never copied, on the plain
+ * connection of the fd or the TLS connection the fd was given to
+ * (SSL_set_fd). Always on: these calls are few. */
+struct fd_key {
+    u32 tgid;
+    u32 fd;
+};
+BPF_TABLE("lru_hash", struct fd_key, u64, fd_owners, __MAX_CONNS__);
+BPF_TABLE("lru_hash", u32, struct call_args, file_sends, 16384);
+
+int openssl_set_fd_enter(struct pt_regs *ctx)
+{
+    struct fd_key fk = {.tgid = bpf_get_current_pid_tgid() >> 32,
+                        .fd = PT_REGS_PARM2(ctx)};
+    u64 ssl = PT_REGS_PARM1(ctx);
+    fd_owners.update(&fk, &ssl);
+    return 0;
+}
+
 #if PLAIN_HTTP
 /* Plain HTTP from syscall tracepoints (no kprobes needed). A TCP socket is
  * one this process created with socket(AF_INET/AF_INET6, SOCK_STREAM) while
  * we watched; the connection key is (tgid, fd). A TLS socket's first write
  * is a ClientHello, not HTTP: it is dropped like any non-HTTP connection,
  * so a TLS request is never reported twice. */
-struct fd_key {
-    u32 tgid;
-    u32 fd;
-};
 BPF_TABLE("lru_hash", struct fd_key, u16, tcp_fds, __MAX_CONNS__);
 BPF_TABLE("lru_hash", u32, struct call_args, sys_calls, 16384);
 BPF_TABLE("lru_hash", u32, u8, new_sockets, 4096);
@@ -1903,75 +1920,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return sys_exit_io(args, args->ret,
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return msg_enter(args->fd, (u64)args->msg, 1); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return sys_exit_io(args, args->ret, 1); }
 
-/* A request body sent with sendfile (kernel TLS does this too, after the
- * head went through SSL_write): counted, never copied, on the plain
- * connection of the fd or the TLS connection the fd was given to. */
-BPF_TABLE("lru_hash", struct fd_key, u64, fd_owners, __MAX_CONNS__);
-
-int openssl_set_fd_enter(struct pt_regs *ctx)
-{
-    struct fd_key fk = {.tgid = bpf_get_current_pid_tgid() >> 32,
-                        .fd = PT_REGS_PARM2(ctx)};
-    u64 ssl = PT_REGS_PARM1(ctx);
-    fd_owners.update(&fk, &ssl);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct fd_key fk = {.tgid = id >> 32, .fd = args->out_fd};
-    if (!tcp_fds.lookup(&fk) && !fd_owners.lookup(&fk))
-        return 0;
-    struct call_args a = {.handle = args->out_fd, .start = bpf_ktime_get_ns(),
-                          .lib = LIB_PLAIN};
-    sys_calls.update(&tid, &a);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct call_args *ap = sys_calls.lookup(&tid);
-    if (!ap)
-        return 0;
-    struct conn_key k = {.handle = ap->handle, .tgid = id >> 32,
-                         .lib = LIB_PLAIN};
-    u64 start = ap->start;
-    sys_calls.delete(&tid);
-    if (args->ret <= 0)
-        return 0;
-    struct conn_state *s = conns.lookup(&k);
-    if (!s || s->ignored) {
-        struct fd_key fk = {.tgid = id >> 32, .fd = k.handle};
-        u64 *ssl = fd_owners.lookup(&fk);
-        if (!ssl)
-            return 0;
-        k.handle = *ssl;
-        k.lib = LIB_OPENSSL;
-        s = conns.lookup(&k);
-    }
-    if (!s || s->ignored || s->answered >= s->sent)
-        return 0;
-    /* The bytes are body: they count, and end a body of known length. */
-    struct parser *p = &s->req;
-    u64 n = args->ret;
-    p->body += n;
-    if (p->phase == P_SKIP) {
-        p->left = p->left > n ? p->left - n : 0;
-        if (!p->left)
-            p->phase = P_IDLE;
-    }
-    struct record *r = find_record(&k, s->sent);
-    if (r) {
-        r->req_bytes = p->body;
-        r->req_end = start;
-    }
-    return 0;
-}
-
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 {
     int type = args->type & 0xf;
@@ -2027,6 +1975,71 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     return close_conn(LIB_PLAIN, args->fd);
 }
 #endif
+
+static __always_inline int file_send_enter(u32 out_fd)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct fd_key fk = {.tgid = id >> 32, .fd = out_fd};
+    if (!fd_owners.lookup(&fk)
+#if PLAIN_HTTP
+        && !tcp_fds.lookup(&fk)
+#endif
+        )
+        return 0;
+    struct call_args a = {.handle = out_fd, .start = bpf_ktime_get_ns(),
+                          .lib = LIB_PLAIN};
+    file_sends.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int file_send_exit(long ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct call_args *ap = file_sends.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct conn_key k = {.handle = ap->handle, .tgid = id >> 32,
+                         .lib = LIB_PLAIN};
+    u64 start = ap->start;
+    file_sends.delete(&tid);
+    if (ret <= 0)
+        return 0;
+    struct conn_state *s = conns.lookup(&k);
+    if (!s || s->ignored) {
+        struct fd_key fk = {.tgid = id >> 32, .fd = k.handle};
+        u64 *ssl = fd_owners.lookup(&fk);
+        if (!ssl)
+            return 0;
+        k.handle = *ssl;
+        k.lib = LIB_OPENSSL;
+        s = conns.lookup(&k);
+    }
+    if (!s || s->ignored || s->answered >= s->sent)
+        return 0;
+    /* The bytes are body: they count, and end a body of known length. */
+    struct parser *p = &s->req;
+    u64 n = ret;
+    p->body += n;
+    if (p->phase == P_SKIP) {
+        p->left = p->left > n ? p->left - n : 0;
+        if (!p->left)
+            p->phase = P_IDLE;
+    }
+    struct record *r = find_record(&k, s->sent);
+    if (r) {
+        r->req_bytes = p->body;
+        r->req_end = start;
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return file_send_enter(args->out_fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return file_send_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_splice) { return file_send_enter(args->fd_out); }
+TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return file_send_exit(args->ret); }
+
 
 /* Go crypto/tls, register ABI on amd64: receiver in RAX, the []byte in
  * RBX (pointer) and RCX (length); results in RAX. The current goroutine is
