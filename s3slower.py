@@ -807,7 +807,7 @@ def http_scan(state, data, acc=0, status=0, flags=0):
 
 
 REC_REQUEST, REC_EXIT, REC_EXEC = 1, 2, 3
-RF_COMPLETE, RF_HEAD_METHOD, RF_CLOSE_DELIMITED = 1, 2, 4
+RF_COMPLETE, RF_HEAD_METHOD, RF_CLOSE_DELIMITED, RF_SOCKET = 1, 2, 4, 8
 STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 
 BPF_TEXT = r"""
@@ -825,7 +825,8 @@ BPF_TEXT = r"""
 #define PLAIN_HTTP __PLAIN_HTTP__
 
 enum { REC_REQUEST = 1, REC_EXIT = 2, REC_EXEC = 3 };
-enum { RF_COMPLETE = 1, RF_HEAD_METHOD = 2, RF_CLOSE_DELIMITED = 4 };
+enum { RF_COMPLETE = 1, RF_HEAD_METHOD = 2, RF_CLOSE_DELIMITED = 4,
+       RF_SOCKET = 8 };
 enum { STAT_LOST = 0, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED };
 enum { LIB_OPENSSL = 1, LIB_GNUTLS, LIB_NSS, LIB_PLAIN, LIB_GO };
 
@@ -960,6 +961,7 @@ struct call_args {
     u32 iovcnt;
     u32 lib;
     u32 adopt;          /* plain socket first seen at this write */
+    u64 sk;             /* TCP socket the call sent on */
 };
 
 /* LRU everywhere: a thread killed inside SSL_read, a connection never
@@ -969,17 +971,24 @@ BPF_TABLE("lru_hash", struct conn_key, struct conn_state, conns, __MAX_CONNS__);
 BPF_TABLE("lru_hash", struct req_key, struct record, inflight, __MAX_INFLIGHT__);
 BPF_TABLE("lru_hash", u32, u8, procs, 16384);
 /* TCP connections, for why a request was slow: when the connect started
- * (SYN sent, in the connecting thread) and ended (established), and how
- * many segments were retransmitted. The thread's last connect is claimed
- * by the first request it writes on a new connection. */
+ * (SYN sent) and ended (established), and how many segments were
+ * retransmitted, by socket. A connection learns its socket from the first
+ * send in the thread that writes its request (sock:sock_send_length, Linux
+ * 6.3+); older kernels have the thread's last connect claimed by the first
+ * request it writes on a new connection. */
 struct tcp_conn {
     u64 start;
     u64 end;
     u32 retrans;
-    u32 pad;
+    u8 claimed;
+    u8 pad[3];
 };
 BPF_TABLE("lru_hash", u64, struct tcp_conn, tcp_conns, __MAX_CONNS__);
+#if HAVE_SEND_LENGTH
+BPF_TABLE("lru_hash", u32, struct conn_key, unbound, 16384);
+#else
 BPF_TABLE("lru_hash", u32, u64, connecting, 16384);
+#endif
 
 BPF_PERCPU_ARRAY(works, struct work, 1);
 BPF_ARRAY(dfa, struct dfa_tables, 1);
@@ -1299,6 +1308,7 @@ static __always_inline int start_message(struct work *w, struct conn_state *s,
         b->retrans_start = 0;
         struct tcp_conn *c = s->sk ? tcp_conns.lookup(&s->sk) : 0;
         if (c) {
+            b->flags |= RF_SOCKET;
             b->retrans_start = c->retrans;
             if (s->sent == 1) {
                 b->connect_start = c->start;
@@ -1527,6 +1537,36 @@ int parse_tracepoint(void *ctx)
 }
 #endif
 
+/* The TCP socket of a new connection, or 0 (see tcp_conns). */
+static __always_inline u64 bind_socket(struct call_args *a)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+#if HAVE_SEND_LENGTH
+    if (!a->sk) {
+        /* Go's Write is seen at its entry: the send comes later. */
+        struct conn_key k = {.handle = a->handle,
+                             .tgid = bpf_get_current_pid_tgid() >> 32,
+                             .lib = a->lib};
+        unbound.update(&tid, &k);
+        return 0;
+    }
+    struct tcp_conn fresh = {};
+    tcp_conns.insert(&a->sk, &fresh);   /* retransmissions of any socket */
+    return a->sk;
+#else
+    u64 *sk = connecting.lookup(&tid);
+    if (!sk)
+        return 0;
+    u64 found = *sk;
+    connecting.delete(&tid);
+    struct tcp_conn *c = tcp_conns.lookup(&found);
+    if (!c || c->claimed)
+        return 0;       /* closed meanwhile, or another connection's */
+    c->claimed = 1;
+    return found;
+#endif
+}
+
 /* A read or write of n bytes returned: hand it to the parser. Writes
  * decide whether a new connection is HTTP/1.x at all. */
 static __always_inline struct work *begin_io(struct call_args *a, u64 n,
@@ -1559,12 +1599,8 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
             struct conn_state fresh = {};
             fresh.ignored = !is_request_start(head);
             fresh.adopted = a->adopt;
-            u32 tid = (u32)id;
-            u64 *sk = connecting.lookup(&tid);
-            if (sk && !fresh.ignored) {
-                fresh.sk = *sk;
-                connecting.delete(&tid);
-            }
+            if (!fresh.ignored)
+                fresh.sk = bind_socket(a);
             conns.update(&k, &fresh);
             if (fresh.ignored)
                 return 0;
@@ -1576,6 +1612,8 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
         }
         if (s->ignored)
             return 0;
+        if (!s->sk && a->sk && s->sent == 0)
+            s->sk = bind_socket(a);
     }
     u32 zero = 0;
     struct work *w = works.lookup(&zero);
@@ -1715,8 +1753,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             return 0;
         struct tcp_conn c = {.start = bpf_ktime_get_ns()};
         tcp_conns.update(&sk, &c);
+#if !HAVE_SEND_LENGTH
         u32 tid = (u32)id;
         connecting.update(&tid, &sk);
+#endif
     } else if (args->newstate == 1) {     /* TCP_ESTABLISHED */
         struct tcp_conn *c = tcp_conns.lookup(&sk);
         if (c && !c->end)
@@ -1729,6 +1769,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
+#if HAVE_RETRANSMIT_ERR
+    if (args->err)
+        return 0;       /* an attempt that did not go out (Linux 6.13+) */
+#endif
     u64 sk = (u64)args->skaddr;
     struct tcp_conn *c = tcp_conns.lookup(&sk);
     if (c)
@@ -2040,6 +2084,41 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return file_send_exit(args->re
 TRACEPOINT_PROBE(syscalls, sys_enter_splice) { return file_send_enter(args->fd_out); }
 TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return file_send_exit(args->ret); }
 
+#if HAVE_SEND_LENGTH
+/* A send on a TCP socket, in the sending thread: the TLS or syscall call
+ * in progress (or Go's new connection) learns its socket. */
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    if (args->protocol != 6)
+        return 0;
+    u64 sk = (u64)args->sk;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct call_args *a = calls.lookup(&tid);
+    if (a) {
+        a->sk = sk;
+        return 0;
+    }
+#if PLAIN_HTTP
+    a = sys_calls.lookup(&tid);
+    if (a) {
+        a->sk = sk;
+        return 0;
+    }
+#endif
+    struct conn_key *k = unbound.lookup(&tid);
+    if (!k)
+        return 0;
+    struct conn_state *s = conns.lookup(k);
+    if (s && !s->sk) {
+        struct tcp_conn fresh = {};
+        tcp_conns.insert(&sk, &fresh);
+        s->sk = sk;
+    }
+    unbound.delete(&tid);
+    return 0;
+}
+#endif
+
 
 /* Go crypto/tls, register ABI on amd64: receiver in RAX, the []byte in
  * RBX (pointer) and RCX (length); results in RAX. The current goroutine is
@@ -2124,6 +2203,17 @@ int openssl_read_ex_enter(struct pt_regs *ctx) {
 """
 
 
+def tracepoint_field(category, event, field):
+    """Whether this kernel's tracepoint exists and has the field."""
+    for base in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        try:
+            with open("%s/events/%s/%s/format" % (base, category, event)) as f:
+                return re.search(r"[ *]%s;" % field, f.read()) is not None
+        except OSError:
+            continue
+    return False
+
+
 def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
                 plain=True, port=None):
     """The C text with filters and sizes compiled in."""
@@ -2133,6 +2223,12 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
                        % port)
     pid_filter = "if (tgid != %d) return 0;" % pid if pid else ""
     text = BPF_TEXT.replace("HAVE_PORT_FILTER", "1" if port else "0")
+    for name, present in (
+            ("HAVE_SEND_LENGTH", tracepoint_field("sock", "sock_send_length",
+                                                  "sk")),
+            ("HAVE_RETRANSMIT_ERR", tracepoint_field(
+                "tcp", "tcp_retransmit_skb", "err"))):
+        text = text.replace(name, "1" if present else "0")
     comm_filter = ""
     if comm:
         want = comm.encode()[:15]
@@ -2537,8 +2633,10 @@ def build_request(rec, endpoints=()):
             if server is not None:
                 # the rest is moving bytes: request body, response body
                 transfer = latency - server
-    connect = tls = None
-    if rec.connect_start and rec.connect_end >= rec.connect_start:
+    connect = tls = retrans = None
+    socket_known = rec.flags & RF_SOCKET
+    if socket_known and rec.connect_start and \
+            rec.connect_end >= rec.connect_start:
         connect = (rec.connect_end - rec.connect_start) / NS_PER_MS
         if rec.lib != LIB_PLAIN and rec.req_start >= rec.connect_end:
             tls = (rec.req_start - rec.connect_end) / NS_PER_MS
@@ -2546,9 +2644,8 @@ def build_request(rec, endpoints=()):
     # one reused it; a first one on a connection older than us: unknown.
     new_conn = True if connect is not None else False if rec.seq > 1 \
         else None
-    retrans = rec.retrans_end - rec.retrans_start if \
-        rec.retrans_end >= rec.retrans_start and \
-        (rec.seq > 1 or connect is not None) else None
+    if socket_known and rec.retrans_end >= rec.retrans_start:
+        retrans = rec.retrans_end - rec.retrans_start
     return Request(
         start_ns=rec.req_start, pid=rec.tgid, tid=rec.tid, comm=rec.comm,
         lib=LIB_NAMES.get(rec.lib, "unknown"), host=host,

@@ -206,6 +206,21 @@ def test_complete_record_to_request():
     assert req.complete and not req.truncated and req.comm == "curl"
 
 
+def test_connection_facts_only_where_the_socket_is_known():
+    base = dict(req_data=GET, resp_start=3_000_000, resp_end=5_000_000,
+                status=200, flags=s.RF_COMPLETE, connect_start=100_000,
+                connect_end=300_000, retrans_start=2, retrans_end=5)
+    known = s.build_request(s.decode_record(record(
+        **dict(base, flags=s.RF_COMPLETE | s.RF_SOCKET))))
+    assert (known.new_conn, known.connect_ms, known.tls_handshake_ms,
+            known.retrans, known.why) == (True, 0.2, 0.7, 3, "net")
+    unknown = s.build_request(s.decode_record(record(**base)))
+    assert (unknown.new_conn, unknown.connect_ms, unknown.retrans) == \
+        (None, None, None)
+    reused = s.build_request(s.decode_record(record(**dict(base, seq=2))))
+    assert reused.new_conn is False and reused.retrans is None
+
+
 def test_incomplete_and_unanswered_records_have_no_made_up_values():
     unanswered = s.build_request(s.decode_record(record(req_data=GET)))
     assert unanswered.status is None and unanswered.resp_bytes is None
