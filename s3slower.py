@@ -2884,13 +2884,33 @@ def request_matches(request, args):
 
 
 class Clock:
-    """Kernel monotonic nanoseconds to wall-clock time."""
+    """Kernel monotonic nanoseconds to wall-clock time, and the two ways
+    it is printed (formatting a date is costly: once per second)."""
 
     def __init__(self):
         self.offset = time.time() - time.monotonic()
+        self.utc = self.local = (None, None)
 
     def wall(self, ns):
         return ns / 1e9 + self.offset
+
+    def iso_utc(self, ns):
+        """2026-12-01T17:53:26.384254Z"""
+        wall = self.wall(ns)
+        second = int(wall)
+        if self.utc[0] != second:
+            self.utc = second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                             time.gmtime(second))
+        return "%s.%06dZ" % (self.utc[1], (wall - second) * 1e6)
+
+    def local_time(self, ns):
+        """17:53:26.384 (local time, milliseconds)"""
+        wall = self.wall(ns)
+        second = int(wall)
+        if self.local[0] != second:
+            self.local = second, time.strftime("%H:%M:%S",
+                                               time.localtime(second))
+        return "%s.%03d" % (self.local[1], (wall - second) * 1e3)
 
 
 def _fmt_ms(value):
@@ -2909,10 +2929,9 @@ TEXT_HEADER = TEXT_FORMAT % (
 
 
 def format_text(request, clock):
-    when = datetime.datetime.fromtimestamp(clock.wall(request.start_ns))
     status = _fmt_int(request.status) + ("" if request.complete else "!")
     return TEXT_FORMAT % (
-        when.strftime("%H:%M:%S.%f")[:12], request.pid,
+        clock.local_time(request.start_ns), request.pid,
         _fmt_ms(request.latency_ms), _fmt_ms(request.ttfb_ms),
         request.why or "-",
         escape_text(request.comm), escape_text(request.host or "-"),
@@ -2926,10 +2945,8 @@ def _round(value):
 
 
 def format_json(request, clock):
-    ts = datetime.datetime.fromtimestamp(clock.wall(request.start_ns),
-                                         datetime.timezone.utc)
-    record = OrderedDict([
-        ("ts", ts.isoformat(timespec="microseconds").replace("+00:00", "Z")),
+    record = dict([
+        ("ts", clock.iso_utc(request.start_ns)),
         ("pid", request.pid), ("tid", request.tid), ("comm", request.comm),
         ("lib", request.lib), ("host", request.host),
         ("endpoint", request.endpoint), ("method", request.method),
