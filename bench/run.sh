@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # bench/run.sh - set up (idempotent) and run the benchmarks, as root.
-#   bench/run.sh                 overhead: A/B rounds, table per load
+#   bench/run.sh                 overhead (A/B rounds, table per load), then tax
+#   bench/run.sh tax             syscall tax of other processes, start, exit
 #   bench/run.sh longrun         10^6 requests + 2000 processes: RSS, maps
 #   bench/run.sh overhead --rounds 5 --requests 20000
+#   bench/run.sh new_programs    exec -> attached, exec storm cost, start-up
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./install.sh --tests
@@ -12,10 +14,15 @@ for pkg in bpfcc-tools bpftool; do
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends "$pkg" >/dev/null
 done
-what=${1:-overhead}
+what=${1:-all}
 [ $# -gt 0 ] && shift
 case $what in
+    all) /usr/bin/python3 bench/overhead.py "$@"
+         exec /usr/bin/python3 bench/tax.py ;;
     overhead) exec /usr/bin/python3 bench/overhead.py "$@" ;;
+    tax) exec /usr/bin/python3 bench/tax.py "$@" ;;
     longrun) exec /usr/bin/python3 bench/longrun.py "$@" ;;
-    *) echo "usage: bench/run.sh [overhead|longrun] [options]" >&2; exit 2 ;;
+    new_programs) exec /usr/bin/python3 bench/new_programs.py "$@" ;;
+    *) echo "usage: bench/run.sh [overhead|longrun|new_programs] [options]" >&2
+       exit 2 ;;
 esac
