@@ -93,6 +93,9 @@ if [ "$want_tests" -eq 1 ]; then
         openssl ca-certificates procps prometheus \
         gcc libc6-dev pkg-config libssl-dev libnss3-dev libnspr4-dev nginx \
         golang-go
+    # tests/test_new_programs.py: a real Go S3 client started after the
+    # tracer (Debian's rclone keeps its Go symbols, so crypto/tls is found).
+    apt_install rclone
     # The VM stage (tests/vm/kvm-run.sh): a stock kernel under qemu, booted
     # from a busybox initramfs, with the io_uring kTLS client's library.
     apt_install qemu-system-x86 busybox-static kmod cpio liburing-dev

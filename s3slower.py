@@ -1380,9 +1380,13 @@ static __always_inline void scan(struct work *w, struct parser *p,
         u32 in_head = t->in_head[st & ((1 << DFA_BITS) - 1)] & 1;
         p->head += in_head;
         p->body += 1 - in_head;
-        u32 k = t->next[((st << CLASS_BITS) | t->byte_class[c]) &
-                        ((1 << (DFA_BITS + CLASS_BITS)) - 1)];
-        k &= (1 << DFA_BITS) - 1;
+        u64 cell = (st << CLASS_BITS) | t->byte_class[c];
+        /* The mask must reach the verifier: the compiler would drop it
+         * (both halves look bounded to it), and 6.1's verifier then sees
+         * an unbounded index. */
+        asm volatile("" : "+r"(cell));
+        cell &= (1 << (DFA_BITS + CLASS_BITS)) - 1;
+        u32 k = t->next[cell] & ((1 << DFA_BITS) - 1);
         p->dfa = k;
         p->acc = p->acc * t->acc_mul[k] + t->acc_add[k] * t->value[c];
         p->status = p->status * t->status_mul[k] +

@@ -113,6 +113,17 @@ class S3Server:
         stop_process(self.proc)
 
 
+def tail_lines(text, path, head=10, tail=40):
+    """text, or its first and last lines if long (a kernel verifier log is
+    tens of thousands of lines; its verdict is at the end)."""
+    lines = text.splitlines()
+    if len(lines) <= head + tail + 1:
+        return text
+    return "\n".join(lines[:head] + ["[... %d lines left out: %s ...]"
+                                      % (len(lines) - head - tail, path)]
+                     + lines[-tail:])
+
+
 class Tracer:
     """s3slower.py --json running in the background, output in a file."""
 
@@ -130,7 +141,8 @@ class Tracer:
                            TRACER_START_TIMEOUT)
         if not ready or self.proc.poll() is not None:
             stop_process(self.proc, signal.SIGKILL)
-            raise AssertionError("tracer did not start:\n" + self.stderr())
+            raise AssertionError("tracer did not start:\n" +
+                                 tail_lines(self.stderr(), self.err.name))
         self.start_seconds = time.monotonic() - started
 
     def stderr(self):

@@ -15,6 +15,6 @@ case "$rc" in
     *) echo "tests/run.sh: pytest exited $rc; VM stage not run" >&2; exit "$rc" ;;
 esac
 vm=0
-tests/vm/stage.sh || vm=$?
+bash tests/vm/stage.sh || vm=$?
 [ "$rc" -ne 0 ] && exit "$rc"
 exit "$vm"
