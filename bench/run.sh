@@ -23,6 +23,6 @@ case $what in
     tax) exec /usr/bin/python3 bench/tax.py "$@" ;;
     longrun) exec /usr/bin/python3 bench/longrun.py "$@" ;;
     new_programs) exec /usr/bin/python3 bench/new_programs.py "$@" ;;
-    *) echo "usage: bench/run.sh [overhead|longrun|new_programs] [options]" >&2
+    *) echo "usage: bench/run.sh [all|overhead|tax|longrun|new_programs] [options]" >&2
        exit 2 ;;
 esac

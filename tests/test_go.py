@@ -52,8 +52,18 @@ def test_go_build_info_and_returns(go_clients):
     assert s.go_version(go_clients["plain"]) >= (1, 18)
     symbols = s.elf_symbols(go_clients["plain"], s.GO_SYMBOLS)
     assert set(symbols) == set(s.GO_SYMBOLS)
-    returns = s.go_return_offsets(go_clients["plain"], *symbols[s.GO_READ])
+    entry, returns = s.go_probe_offsets(go_clients["plain"],
+                                        *symbols[s.GO_READ])
     assert returns and all(0 < off < symbols[s.GO_READ][1] for off in returns)
+    # past the stack check: a goroutine whose stack grows runs the first
+    # instructions twice (before and after morestack), this one once
+    for name in (s.GO_READ, s.GO_WRITE):
+        address, size = symbols[name]
+        entry, _ = s.go_probe_offsets(go_clients["plain"], address, size)
+        code = s.elf_bytes(go_clients["plain"], address, entry)
+        assert 0 < entry < 24 and (code[-2] == 0x76 or
+                                   code[-6:-4] == b"\x0f\x86"), \
+            (name, entry, code.hex())
     assert s.elf_symbols(go_clients["stripped"], s.GO_SYMBOLS) == {}
 
 
