@@ -2141,7 +2141,13 @@ TRACEPOINT_PROBE(sock, sock_send_length)
  * RBX (pointer) and RCX (length); results in RAX. The current goroutine is
  * in R14: a Read is matched to its return by goroutine, since goroutines
  * move between threads while they wait. */
-BPF_TABLE("lru_hash", u64, struct call_args, go_calls, 16384);
+struct goroutine {
+    u64 g;              /* R14: the same addresses in every process of a
+                         * program, so the process is part of the key */
+    u32 tgid;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", struct goroutine, struct call_args, go_calls, 16384);
 
 int go_write_enter(struct pt_regs *ctx)
 {
@@ -2163,7 +2169,7 @@ int go_read_enter(struct pt_regs *ctx)
         return 0;
     /* No check of the connection here: net/http's reader goroutine enters
      * Read before the request is written; the return decides. */
-    u64 g = ctx->r14;
+    struct goroutine g = {.g = ctx->r14, .tgid = tgid};
     struct call_args a = {.handle = ctx->ax, .buf = ctx->bx,
                           .start = bpf_ktime_get_ns(), .lib = LIB_GO};
     go_calls.update(&g, &a);
@@ -2172,7 +2178,8 @@ int go_read_enter(struct pt_regs *ctx)
 
 int go_read_return(struct pt_regs *ctx)
 {
-    u64 g = ctx->r14;
+    struct goroutine g = {.g = ctx->r14,
+                          .tgid = bpf_get_current_pid_tgid() >> 32};
     struct call_args *ap = go_calls.lookup(&g);
     if (!ap)
         return 0;

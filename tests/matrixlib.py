@@ -979,3 +979,4 @@ class MatrixServer:
 
     def stop(self):
         stop_process(self.proc, signal.SIGTERM)
+        shutil.rmtree(self.dir, ignore_errors=True)
