@@ -61,11 +61,12 @@ import os
 import random
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from s3server import make_certificate
 
 PATTERNS = ("one", "small", "split", "chunked", "continue", "close")
 ERROR_CODES = {400: "BadRequest", 403: "AccessDenied", 404: "NoSuchKey",
@@ -463,18 +464,6 @@ def finish(sock, tls):
         sock.shutdown(socket.SHUT_WR)
     except (OSError, ValueError):
         pass
-
-
-def make_certificate(directory):
-    cert = os.path.join(directory, "cert.pem")
-    key = os.path.join(directory, "key.pem")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-         "-keyout", key, "-out", cert, "-days", "30", "-subj",
-         "/CN=localhost", "-addext",
-         "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True)
-    return cert, key
 
 
 def accept_loop(listener, context, log, counter):
