@@ -8,15 +8,14 @@
 # Uprobes on the TLS libraries' read and write entry points (OpenSSL, GnuTLS,
 # NSS/NSPR, OpenSSL built into programs, Go's crypto/tls) see the plaintext
 # HTTP before it is encrypted and after it is decrypted; syscall tracepoints
-# see plain HTTP. The kernel side keeps one small state record per connection
-# (an SSL *, a gnutls session, a PRFileDesc *, a *tls.Conn, a (pid, fd)),
-# stamps the first and last byte
-# of each request and response, and sends user space only the first few reads
-# and writes of each exchange; byte counting and end-of-body detection for
-# large transfers stay in the kernel. User space parses the HTTP heads, names
-# the S3 operation, bucket and key, matches each response to its request and
-# prints one line (or one JSON object) per completed request, then p50/p90/p99
-# tables at exit.
+# see plain HTTP (--plain). The kernel follows HTTP/1.x framing on every
+# connection (an SSL *, a gnutls session, a PRFileDesc *, a *tls.Conn, a
+# (pid, fd)) with a table-driven automaton, times each request and response,
+# counts their bytes and hands user space one record per request: both heads,
+# status, bytes, times, and the TCP facts that say why it was slow. User
+# space names the S3 operation, bucket and key and prints one line (or one
+# JSON object) per request, p50/p90/p99 tables and Prometheus metrics.
+# Programs started later are found at their exec (sched_process_exec).
 #
 # The tool never prints credentials: Authorization and token headers are never
 # output, and signature/credential query parameters are replaced by REDACTED.
@@ -62,7 +61,6 @@ examples = """examples:
 # ---------------------------------------------------------------------------
 
 HTTP_METHODS = ("GET", "PUT", "POST", "HEAD", "DELETE", "OPTIONS", "PATCH")
-# The four bytes the kernel checks to see a request start (is_request_start).
 
 
 def positive_float(text):
@@ -2913,28 +2911,30 @@ class Clock:
 
     def __init__(self):
         self.offset = time.time() - time.monotonic()
-        self.utc = self.local = (None, None)
+        self.utc, self.local = [None, None], [None, None]
 
     def wall(self, ns):
         return ns / 1e9 + self.offset
 
-    def iso_utc(self, ns):
-        """2026-12-01T17:53:26.384254Z"""
+    def _second(self, ns, cache, fmt, convert):
+        """(that second formatted, its fraction), formatting once a second."""
         wall = self.wall(ns)
         second = int(wall)
-        if self.utc[0] != second:
-            self.utc = second, time.strftime("%Y-%m-%dT%H:%M:%S",
-                                             time.gmtime(second))
-        return "%s.%06dZ" % (self.utc[1], (wall - second) * 1e6)
+        if cache[0] != second:
+            cache[:] = second, time.strftime(fmt, convert(second))
+        return cache[1], wall - second
+
+    def iso_utc(self, ns):
+        """2026-12-01T17:53:26.384254Z"""
+        text, fraction = self._second(ns, self.utc, "%Y-%m-%dT%H:%M:%S",
+                                      time.gmtime)
+        return "%s.%06dZ" % (text, fraction * 1e6)
 
     def local_time(self, ns):
         """17:53:26.384 (local time, milliseconds)"""
-        wall = self.wall(ns)
-        second = int(wall)
-        if self.local[0] != second:
-            self.local = second, time.strftime("%H:%M:%S",
-                                               time.localtime(second))
-        return "%s.%03d" % (self.local[1], (wall - second) * 1e3)
+        text, fraction = self._second(ns, self.local, "%H:%M:%S",
+                                      time.localtime)
+        return "%s.%03d" % (text, fraction * 1e3)
 
 
 def _fmt_ms(value):
@@ -3450,7 +3450,10 @@ class Tracer:
                 pass
 
     def lost_events(self):
-        return int(self.stats_map[ctypes.c_int(0)].value)
+        return self.kernel_stat(STAT_LOST)
+
+    def kernel_stat(self, index):
+        return int(self.stats_map[ctypes.c_int(index)].value)
 
     def run(self):
         if not self.json and not self.args.no_requests:
@@ -3556,6 +3559,12 @@ class Tracer:
         if self.lost_reported:
             log("requests whose events were lost were reported incomplete "
                 "or not at all")
+        evicted, unparsed = (self.kernel_stat(STAT_EVICTED),
+                             self.kernel_stat(STAT_UNPARSED))
+        if evicted or unparsed:
+            log("%d requests dropped from the kernel's full in-flight table; "
+                "%d connections given up as not HTTP/1.x mid-stream" % (
+                    evicted, unparsed))
 
 
 def main(argv=None):
