@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 #
 # s3slower  Trace S3 (and any HTTP/1.x) requests made over TLS, host-wide.
 #           For Linux, uses BCC, eBPF.
@@ -34,6 +34,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict, defaultdict, deque, namedtuple
 from urllib.parse import unquote
@@ -271,7 +272,7 @@ FAMILIES = OrderedDict([
                  probes=[("PR_Write", "write"), ("PR_Send", "write"),
                          ("PR_Read", "read"), ("PR_Recv", "read"),
                          ("PR_Close", "close")])),
-    # Found by symbol, attached by attach_go (no return probes).
+    # Found by symbol, probed where go_plan says (no return probes).
     ("go", dict(lib=LIB_GO, pattern=None, probes=[])),
 ])
 
@@ -478,10 +479,12 @@ def go_probe_offsets(path, address, size):
 
 
 class ScanCache:
-    """Which TLS families are built into a file, by (device, inode, size,
-    mtime): a file is read once, and (on disk) once across starts."""
+    """What a file holds, worked out once per version of the file (device,
+    inode, size, mtime) and kept on disk across starts: which TLS families
+    are built in, and where each probe goes."""
 
     PATH = "/var/cache/s3slower/elf-scan.json"
+    VERSION = 2
     LIMIT = 200000
 
     def __init__(self, path=PATH):
@@ -490,25 +493,34 @@ class ScanCache:
         self.dirty = False
         try:
             with open(path) as f:
-                self.entries = {k: set(v) for k, v in json.load(f).items()}
-        except (OSError, ValueError, AttributeError, TypeError):
+                saved = json.load(f)
+            if saved.get("version") == self.VERSION:
+                self.entries = dict(saved["entries"])
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
             pass
 
-    def families(self, path, st):
-        """Families whose TLS is compiled into path: "openssl", "go"."""
-        ident = "%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size,
-                                 st.st_mtime_ns)
-        found = self.entries.get(ident)
+    def answer(self, question, path, work_out, st=None):
+        """work_out(path), a JSON value, once per version of the file."""
+        if st is None:
+            st = os.stat(path)
+        key = "%s %d:%d:%d:%d" % (question, st.st_dev, st.st_ino,
+                                  st.st_size, st.st_mtime_ns)
+        found = self.entries.get(key)
         if found is None:
             if len(self.entries) >= self.LIMIT:
                 self.entries.clear()
-            symbols = elf_functions(path, STATIC_OPENSSL + (GO_READ,))
-            found = {family for family, needed in (
-                ("openssl", STATIC_OPENSSL), ("go", (GO_READ,)))
-                if symbols.issuperset(needed)}
-            self.entries[ident] = found
+            found = self.entries[key] = work_out(path)
             self.dirty = True
         return found
+
+    def families(self, path, st):
+        """Families whose TLS is compiled into path: "openssl", "go"."""
+        def work_out(path):
+            symbols = elf_functions(path, STATIC_OPENSSL + (GO_READ,))
+            return [family for family, needed in (
+                ("openssl", STATIC_OPENSSL), ("go", (GO_READ,)))
+                if symbols.issuperset(needed)]
+        return set(self.answer("families", path, work_out, st))
 
     def save(self):
         if not self.dirty:
@@ -517,7 +529,8 @@ class ScanCache:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({k: sorted(v) for k, v in self.entries.items()}, f)
+                json.dump({"version": self.VERSION, "entries": self.entries},
+                          f)
             os.replace(tmp, self.path)
             self.dirty = False
         except OSError:
@@ -824,6 +837,13 @@ STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
 #define TASK_COMM_LEN 16     /* linux/sched.h would cost a second of compile */
+
+/* BCC looks every bpf_probe_read* call site up in /proc/kallsyms while it
+ * compiles (0.1 s each here): user memory is read through this one. */
+static __always_inline long read_user(void *dst, u32 size, const void *src)
+{
+    return bpf_probe_read_user(dst, size, src);
+}
 
 #define REQ_CAP __REQ_CAP__
 #define RESP_CAP __RESP_CAP__
@@ -1133,7 +1153,7 @@ static __always_inline void capture(struct work *w, struct record *r)
             avail = RESP_CAP - off;
         bound_value(off, RESP_CAP - 1);
         bound_value(avail, RESP_CAP);
-        if (bpf_probe_read_user(&r->resp_data[off], avail,
+        if (read_user(&r->resp_data[off], avail,
                                 (void *)(w->buf + w->pos)) == 0)
             r->resp_cap = off + avail;
     } else {
@@ -1142,13 +1162,13 @@ static __always_inline void capture(struct work *w, struct record *r)
         u64 off = r->req_cap;
         if (off == 0) {
             bound_value(avail, REQ_CAP);
-            if (bpf_probe_read_user(r->req_data, avail,
+            if (read_user(r->req_data, avail,
                                     (void *)(w->buf + w->pos)) == 0)
                 r->req_cap = avail;
         } else if (off < REQ_CAP / 2) {
             bound_value(off, REQ_CAP / 2 - 1);
             bound_value(avail, REQ_CAP / 2);
-            if (bpf_probe_read_user(&r->req_data[off], avail,
+            if (read_user(&r->req_data[off], avail,
                                     (void *)(w->buf + w->pos)) == 0)
                 r->req_cap = off + avail;
         }
@@ -1281,7 +1301,7 @@ static __always_inline int start_message(struct work *w, struct conn_state *s,
     if (!w->is_read) {
         char m[4] = {};
         if (avail >= 4)
-            bpf_probe_read_user(m, sizeof(m), (void *)(w->buf + w->pos));
+            read_user(m, sizeof(m), (void *)(w->buf + w->pos));
         if (!is_request_start(m)) {
             /* Not a request line: more body of the last request (a body
              * without framing), or nothing we follow. */
@@ -1380,7 +1400,7 @@ static __always_inline void scan(struct work *w, struct parser *p,
         if (pos >= w->win_start + w->win_len) {
             u64 n = w->len - pos;
             bound_value(n, WIN);
-            if (bpf_probe_read_user(w->win, n, (void *)(w->buf + pos)) != 0) {
+            if (read_user(w->win, n, (void *)(w->buf + pos)) != 0) {
                 p->dfa = BAD;
                 break;
             }
@@ -1419,7 +1439,7 @@ static __always_inline void skip_line(struct work *w, struct parser *p)
                 return;
             u64 n = w->len - pos;
             bound_value(n, WIN);
-            if (bpf_probe_read_user(w->win, n, (void *)(w->buf + pos)) != 0)
+            if (read_user(w->win, n, (void *)(w->buf + pos)) != 0)
                 return;
             w->win_start = pos;
             w->win_len = n;
@@ -1439,7 +1459,7 @@ static __always_inline int next_segment(struct work *w)
     if (!w->iov_left || !w->rest)
         return 0;
     u64 seg[2] = {};
-    if (bpf_probe_read_user(seg, sizeof(seg), (void *)w->iov) != 0)
+    if (read_user(seg, sizeof(seg), (void *)w->iov) != 0)
         return 0;
     w->iov += sizeof(seg);
     w->iov_left--;
@@ -1608,9 +1628,9 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
             char head[4] = {};
             u64 first = a->buf;
             if (a->iov)
-                bpf_probe_read_user(&first, sizeof(first), (void *)a->iov);
+                read_user(&first, sizeof(first), (void *)a->iov);
             if (n >= 4)
-                bpf_probe_read_user(head, sizeof(head), (void *)first);
+                read_user(head, sizeof(head), (void *)first);
             struct conn_state fresh = {};
             fresh.ignored = !is_request_start(head);
             fresh.adopted = a->adopt;
@@ -1647,7 +1667,7 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
     if (a->iov) {
         /* The call moved n bytes over its iovecs: walk them up to n. */
         u64 seg[2] = {};
-        bpf_probe_read_user(seg, sizeof(seg), (void *)a->iov);
+        read_user(seg, sizeof(seg), (void *)a->iov);
         w->buf = seg[0];
         w->len = seg[1] < n ? seg[1] : n;
         w->rest = n - w->len;
@@ -1669,7 +1689,7 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
 static __always_inline int nspr_layered(u64 fd)
 {
     u64 lower = 0;
-    bpf_probe_read_user(&lower, sizeof(lower), (void *)(fd + 16));
+    read_user(&lower, sizeof(lower), (void *)(fd + 16));
     return lower != 0;
 }
 
@@ -1720,7 +1740,7 @@ static __always_inline int exit_io(struct pt_regs *ctx, int is_read)
     if (a.sizep) {
         n = 0;
         if (ret == 1)
-            bpf_probe_read_user(&n, sizeof(n), (void *)a.sizep);
+            read_user(&n, sizeof(n), (void *)a.sizep);
     }
     if (begin_io(&a, n, is_read, eof))
         uprobe_parser.call(ctx, 0);
@@ -1880,12 +1900,12 @@ static __always_inline int looks_like_request(u64 buf, u64 iov, u64 count)
         return 0;
     if (iov) {
         u64 first[2] = {};
-        bpf_probe_read_user(first, sizeof(first), (void *)iov);
+        read_user(first, sizeof(first), (void *)iov);
         buf = first[0];
         count = first[1];
     }
     char m[4] = {};
-    if (count < 4 || bpf_probe_read_user(m, sizeof(m), (void *)buf) != 0)
+    if (count < 4 || read_user(m, sizeof(m), (void *)buf) != 0)
         return 0;
     return is_request_start(m);
 }
@@ -1958,7 +1978,7 @@ static __always_inline int msg_enter(u32 fd, u64 msg, int is_read)
     if (is_read && !tcp_fd(fd))
         return 0;
     u64 hdr[4] = {};  /* struct user_msghdr: name, namelen, iov, iovlen */
-    bpf_probe_read_user(hdr, sizeof(hdr), (void *)msg);
+    read_user(hdr, sizeof(hdr), (void *)msg);
     return sys_enter_io(fd, 0, hdr[2], hdr[3], is_read, 0);
 }
 
@@ -2017,7 +2037,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     if (!port)
         return 0;
     u16 sa[2] = {};   /* sa_family, then the port in network order */
-    bpf_probe_read_user(sa, sizeof(sa), (void *)args->uservaddr);
+    read_user(sa, sizeof(sa), (void *)args->uservaddr);
     u16 remote = (sa[1] >> 8) | ((sa[1] & 0xff) << 8);
     __PORT_FILTER__
     *port = remote;
@@ -3190,40 +3210,64 @@ PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
 GO_HANDLERS = ("write_enter", "read_enter", "read_return", "close_enter")
 
 
-def attach_go(bpf, lib):
-    """Probes on a Go program's crypto/tls: entries, and every RET of Read
-    (never a uretprobe: Go moves goroutine stacks). Returns the symbols
-    attached, or raises Fatal-free ValueError saying why not."""
-    version = go_version(lib.path)
+def go_plan(path):
+    """Where a Go program's crypto/tls probes go, as library_plan says: the
+    entries, and every RET of Read (never a uretprobe: Go moves goroutine
+    stacks). A string says why there are none."""
+    version = go_version(path)
     if version is None or version < GO_MIN_VERSION:
-        raise ValueError("Go %s; Go >= %d.%d is supported" % (
+        return "Go %s; Go >= %d.%d is supported" % (
             "%d.%d" % version if version else "version unknown",
-            *GO_MIN_VERSION))
-    symbols = elf_symbols(lib.path, GO_SYMBOLS)
+            *GO_MIN_VERSION)
+    symbols = elf_symbols(path, GO_SYMBOLS)
     if GO_READ not in symbols or GO_WRITE not in symbols:
-        raise ValueError("no crypto/tls symbols (stripped?)")
-    read = go_probe_offsets(lib.path, *symbols[GO_READ])
-    write = go_probe_offsets(lib.path, *symbols[GO_WRITE])
+        return "no crypto/tls symbols (stripped?)"
+    read = go_probe_offsets(path, *symbols[GO_READ])
+    write = go_probe_offsets(path, *symbols[GO_WRITE])
     if read is None or write is None:
+        # Not an answer to keep: installing capstone changes it.
         raise ValueError("needs python3-capstone to find Read's returns")
     (read_entry, returns), (write_entry, _) = read, write
     if not returns:
-        raise ValueError("no return instruction found in %s" % GO_READ)
+        return "no return instruction found in %s" % GO_READ
+    read_at, write_at = symbols[GO_READ][0], symbols[GO_WRITE][0]
     # Read's returns first: a Read in flight when Write's probe lands must
     # not leave its request waiting for a response it cannot see.
-    for offset in returns:
-        bpf.attach_uprobe(name=lib.path, sym=GO_READ, sym_off=offset,
-                          fn_name="go_read_return")
-    bpf.attach_uprobe(name=lib.path, sym=GO_READ, sym_off=read_entry,
-                      fn_name="go_read_enter")
-    bpf.attach_uprobe(name=lib.path, sym=GO_WRITE, sym_off=write_entry,
-                      fn_name="go_write_enter")
-    names = [GO_WRITE, "%s (+%d returns)" % (GO_READ, len(returns))]
+    plan = [["go_read_return", GO_READ, read_at + offset, False]
+            for offset in returns]
+    plan.append(["go_read_enter", GO_READ, read_at + read_entry, False])
+    plan.append(["go_write_enter", GO_WRITE, write_at + write_entry, False])
     if GO_CLOSE in symbols:
-        bpf.attach_uprobe(name=lib.path, sym=GO_CLOSE,
-                          fn_name="go_close_enter")
-        names.append(GO_CLOSE)
-    return names
+        plan.append(["go_close_enter", GO_CLOSE, symbols[GO_CLOSE][0], False])
+    return plan
+
+
+def library_plan(path, family):
+    """Where a TLS library's probes go: [handler, symbol, address,
+    is_return] in the order they are attached. Reads before writes, so a
+    request written while the probes land does not wait for a response the
+    tracer cannot see; a return before its entry, so no call is seen
+    entering without being seen to return."""
+    probes = FAMILIES[family]["probes"]
+    symbols = elf_symbols(path, [symbol for symbol, _ in probes])
+    plan = []
+    for symbol, kind in sorted(probes,
+                               key=lambda probe: probe[1].startswith("write")):
+        if symbol in symbols:
+            enter, leave = PROBE_HANDLERS[kind]
+            address = symbols[symbol][0]
+            if leave:
+                plan.append(["%s_%s" % (family, leave), symbol, address, True])
+            plan.append(["%s_%s" % (family, enter), symbol, address, False])
+    return plan
+
+
+def probe_plan(lib):
+    """library_plan or go_plan for a file, worked out once per version."""
+    if lib.family == "go":
+        return SCAN_CACHE.answer("go-probes", lib.path, go_plan)
+    return SCAN_CACHE.answer("%s-probes" % lib.family, lib.path,
+                             lambda path: library_plan(path, lib.family))
 
 
 def attach_probes(bpf, libraries, prefix="  ", exec_ns=None):
@@ -3240,37 +3284,32 @@ def attach_probes(bpf, libraries, prefix="  ", exec_ns=None):
     attached = defaultdict(int)
     skipped = []
     for lib in libraries:
-        if lib.family == "go":
-            try:
-                names = attach_go(bpf, lib)
-            except Exception as exc:
-                progress("%sskipped Go program %s: %s" % (prefix, lib.path,
-                                                        exc))
-                continue
-            attached["go"] += len(names)
-            progress("%sgo %s (%s%s)" % (prefix, lib.path, ", ".join(names),
-                                         since_exec()))
+        try:
+            plan = probe_plan(lib)
+        except (OSError, ValueError) as exc:
+            plan = str(exc)
+        if isinstance(plan, str):
+            progress("%sskipped %s %s: %s" % (prefix, lib.family, lib.path,
+                                              plan))
             continue
-        names = []
-        # Reads before writes: a request written while the probes land must
-        # not wait for a response the tracer cannot see.
-        for symbol, kind in sorted(FAMILIES[lib.family]["probes"],
-                                   key=lambda probe: probe[1] == "write" or
-                                   probe[1] == "write_ex"):
-            enter, leave = PROBE_HANDLERS[kind]
+        names, returns = [], 0
+        for handler, symbol, address, is_return in plan:
+            # By address: BCC would look each symbol up in the file again.
             try:
-                bpf.attach_uprobe(name=lib.path, sym=symbol,
-                                  fn_name="%s_%s" % (lib.family, enter))
-                if leave:
-                    bpf.attach_uretprobe(name=lib.path, sym=symbol,
-                                         fn_name="%s_%s" % (lib.family, leave))
+                (bpf.attach_uretprobe if is_return else bpf.attach_uprobe)(
+                    name=lib.path, addr=address, fn_name=handler)
             except Exception:
                 continue
-            names.append(symbol)
+            returns += handler == "go_read_return"
+            if symbol not in names:
+                names.append(symbol)
         if names:
             attached[lib.family] += len(names)
+            if returns:
+                names[names.index(GO_READ)] += " (+%d returns)" % returns
             progress("%s%s%s %s (%s%s)" % (
-                prefix, lib.family, " built into" if lib.static else "",
+                prefix, lib.family, " built into" if lib.static and lib.family != "go"
+                else "",
                 lib.path, ", ".join(names), since_exec()))
         else:
             skipped.append(lib.path)
@@ -3280,6 +3319,71 @@ def attach_probes(bpf, libraries, prefix="  ", exec_ns=None):
             prefix, len(skipped), ", ".join(skipped[:5]) +
             (", ..." if len(skipped) > 5 else "")))
     return attached
+
+
+def compile_program(bcc, args):
+    """The BPF object, every handler loaded: a verifier rejection is one
+    clear error at start, not a probe that silently fails to attach later.
+    Runs while discovery reads files (BCC compiles outside the GIL)."""
+    try:
+        bpf = bcc.BPF(text=bpf_program(
+            args.pid, args.comm, ringbuf_pages=args.ringbuf_pages,
+            plain=bool(args.plain or args.port), port=args.port))
+    except Exception as exc:
+        raise Fatal("the BPF program did not compile or load (%s); "
+                    "are the kernel headers right? run ./install.sh" %
+                    str(exc).splitlines()[0])
+    tables = bpf["dfa"]
+    tables[ctypes.c_int(0)] = tables.Leaf.from_buffer_copy(b"".join(
+        DFA[name] for name in ("byte_class", "next", "acc_mul", "acc_add",
+                               "status_mul", "status_add", "flags",
+                               "in_head", "value")))
+    # The parser takes the verifier longest: it is loaded while the probes
+    # are attached, and hooked in before tracing is announced.
+    parsers = in_background(load_program, bcc, bpf, [
+        (name, kind, table) for name, kind, table in (
+            ("parse_uprobe", bcc.BPF.KPROBE, "uprobe_parser"),
+            ("parse_tracepoint", bcc.BPF.TRACEPOINT, "tracepoint_parser"))
+        if table == "uprobe_parser" or args.plain or args.port])
+    load_program(bcc, bpf, [
+        ("%s_%s" % (family, suffix), bcc.BPF.KPROBE, None)
+        for family in selected_families(args)
+        for suffix in (GO_HANDLERS if family == "go" else PROBE_HANDLERS_ALL)])
+    return bpf, parsers
+
+
+def load_program(bcc, bpf, functions):
+    """Loads (name, kind, tail-call table) functions; a function with a
+    table becomes what that table's tail call runs."""
+    try:
+        for name, kind, table in functions:
+            fn = bpf.load_func(name, kind)
+            if table:
+                bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+    except Exception as exc:
+        raise Fatal("the kernel rejected the BPF program: %s" %
+                    str(exc).splitlines()[0])
+
+
+def in_background(work, *args):
+    """Starts work(*args) in a thread; returns a function that waits for
+    its result (or raises what it raised)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work(*args)
+        except BaseException as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    return result
 
 
 class Tracer:
@@ -3321,41 +3425,10 @@ class Tracer:
                               (args.prometheus_addr, "127.0.0.1", "localhost",
                                "[::1]", "0.0.0.0")}
 
-    def load(self, libraries):
-        try:
-            self.bpf = self.bcc.BPF(text=bpf_program(
-                self.args.pid, self.args.comm,
-                ringbuf_pages=self.args.ringbuf_pages,
-                plain=self.plain, port=self.args.port))
-        except Exception as exc:
-            raise Fatal("the BPF program did not compile or load (%s); "
-                        "are the kernel headers right? run ./install.sh" %
-                        str(exc).splitlines()[0])
-        tables = self.bpf["dfa"]
-        tables[ctypes.c_int(0)] = tables.Leaf.from_buffer_copy(b"".join(
-            DFA[name] for name in ("byte_class", "next", "acc_mul", "acc_add",
-                                   "status_mul", "status_add", "flags",
-                                   "in_head", "value")))
-        # Load every handler now, so a verifier rejection is one clear error
-        # rather than a probe that silently fails to attach.
-        try:
-            for name in sorted({"%s_%s" % (lib.family, suffix)
-                                for lib in libraries for suffix in
-                                (GO_HANDLERS if lib.family == "go"
-                                 else PROBE_HANDLERS_ALL)}):
-                self.bpf.load_func(name, self.bcc.BPF.KPROBE)
-            # The HTTP parser runs as a tail call of every read and write.
-            parsers = [("parse_uprobe", "uprobe_parser", self.bcc.BPF.KPROBE)]
-            if self.plain:
-                parsers.append(("parse_tracepoint", "tracepoint_parser",
-                                self.bcc.BPF.TRACEPOINT))
-            for name, table, kind in parsers:
-                fn = self.bpf.load_func(name, kind)
-                self.bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
-        except Exception as exc:
-            raise Fatal("the kernel rejected the BPF program: %s" %
-                        str(exc).splitlines()[0])
+    def load(self, libraries, compiled):
+        self.bpf, parsers = compiled
         attached = attach_probes(self.bpf, libraries)
+        parsers()
         if not attached:
             raise Fatal("no TLS library entry point could be attached")
         if self.plain:
@@ -3588,6 +3661,7 @@ def main(argv=None):
                             % sys.executable)
         ensure_tracefs()
         check_kernel_headers()
+        compiled = in_background(compile_program, bcc, args)
         progress("Attaching to TLS libraries...")
         known = set()
         started = time.monotonic()
@@ -3629,7 +3703,8 @@ def main(argv=None):
                 raise Fatal("cannot serve metrics on %s:%d: %s" % (
                     args.prometheus_addr, args.prometheus_port,
                     exc.strerror or exc))
-        attached = tracer.load(libraries)
+        attached = tracer.load(libraries, compiled())
+        SCAN_CACHE.save()
         if tracer.prometheus:
             for family, count in attached.items():
                 tracer.prometheus.probes.labels(family).set(count)

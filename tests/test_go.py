@@ -76,7 +76,7 @@ def test_go_client_found_by_auto_mode(s3_server, go_clients):
                               text=True, env=dict(os.environ, GOCLIENT_WAIT="1"))
     t = Tracer("--go", "--rescan-interval", "0")
     try:
-        assert "go %s (crypto/tls.(*Conn).Write" % go_clients["plain"] in \
+        assert "go %s (crypto/tls.(*Conn).Read (+" % go_clients["plain"] in \
             t.stderr(), t.stderr()
         out, err = client.communicate("go\n", timeout=60)
         assert client.returncode == 0, err
@@ -94,7 +94,7 @@ def test_go_binary_forced_and_stripped_reported(s3_server, go_clients):
                go_clients["stripped"], "--rescan-interval", "0", "--comm",
                "goclient")
     try:
-        assert "skipped Go program %s: no crypto/tls symbols (stripped?)" % \
+        assert "skipped go %s: no crypto/tls symbols (stripped?)" % \
             go_clients["stripped"] in t.stderr()
         pid, _ = run_client([go_clients["plain"], s3_server.url] +
                             plan("gobkt2"))
