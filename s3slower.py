@@ -25,6 +25,7 @@
 import argparse
 import ctypes
 import datetime
+import functools
 import glob
 import json
 import math
@@ -277,6 +278,94 @@ FAMILIES = OrderedDict([
 ])
 
 LibraryFile = namedtuple("LibraryFile", "family path static")
+
+
+# Where the kernel keeps a file's identity, for the exec and mmap filters:
+# (struct, member) pairs, read from the kernel's BTF at start.
+KERNEL_OFFSETS = (("task_struct", "mm"), ("task_struct", "files"),
+                  ("mm_struct", "exe_file"), ("files_struct", "fdt"),
+                  ("fdtable", "fd"), ("fdtable", "max_fds"),
+                  ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"),
+                  ("super_block", "s_dev"))
+BTF_HEADER = struct.Struct("<HBBIIIII")
+BTF_TYPE = struct.Struct("<III")
+BTF_STRUCT, BTF_UNION, BTF_TYPEDEF = 4, 5, 8
+BTF_MODIFIERS = (8, 9, 10, 11, 18)      # typedef, volatile, const, ...
+# Bytes after a type's header, by kind: fixed, and per vlen item.
+BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
+             13: (0, 8), 14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
+
+
+def btf_offsets(wanted=KERNEL_OFFSETS, path="/sys/kernel/btf/vmlinux"):
+    """{(struct, member): byte offset} from a BTF file, looking into the
+    anonymous structs and unions a member may sit in; None without BTF or
+    when any is missing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        magic, _version, _flags, hdr_len, type_off, type_len, str_off, \
+            _str_len = BTF_HEADER.unpack_from(data)
+    except (OSError, struct.error):
+        return None
+    if magic != 0xeb9f:
+        return None
+    strings = hdr_len + str_off
+
+    def name(offset):
+        return data[strings + offset:data.index(b"\0", strings + offset)]
+
+    # One pass over the types, unpacking only their headers: a struct's
+    # members are read when one is looked into.
+    types = [None]              # id -> (kind, name offset, type, pos, info)
+    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+    unpack, extra = BTF_TYPE.unpack_from, BTF_EXTRA
+    while pos < end:
+        name_off, info, size_or_type = unpack(data, pos)
+        kind = (info >> 24) & 0x1f
+        types.append((kind, name_off, size_or_type, pos, info))
+        fixed, per_item = extra.get(kind, (0, 0))
+        pos += 12 + fixed + per_item * (info & 0xffff)
+
+    def member_offset(type_id, member):
+        kind, _, inner, pos, info = types[type_id]
+        while kind in BTF_MODIFIERS:
+            kind, _, inner, pos, info = types[inner]
+        if kind not in (BTF_STRUCT, BTF_UNION):
+            return None
+        for i in range(info & 0xffff):
+            m_name, m_type, m_offset = unpack(data, pos + 12 + 12 * i)
+            if info >> 31:
+                m_offset &= 0xffffff            # bitfield size above
+            if m_name and name(m_name) == member:
+                return m_offset // 8
+            if not m_name:
+                below = member_offset(m_type, member)
+                if below is not None:
+                    return m_offset // 8 + below
+        return None
+
+    names = {}                  # string offset -> wanted struct name
+    for struct_name in {struct_name for struct_name, _ in wanted}:
+        at = data.find(b"\0%s\0" % struct_name.encode(), strings - 1)
+        if at >= 0:
+            names[at + 1 - strings] = struct_name
+    structs = {}
+    for type_id, (kind, name_off, _, _, info) in enumerate(types[1:], 1):
+        if kind == BTF_STRUCT and name_off in names and info & 0xffff:
+            structs.setdefault(names[name_off], type_id)
+    found = {}
+    for struct_name, member in wanted:
+        offset = member_offset(structs[struct_name], member.encode()) \
+            if struct_name in structs else None
+        if offset is None:
+            return None
+        found[(struct_name, member)] = offset
+    return found
+
+
+def kernel_dev(st_dev):
+    """A stat() device number as the kernel keeps it (super_block.s_dev)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
 def loader_cache_paths():
@@ -583,7 +672,8 @@ def candidate_files():
 
 
 def discover_libraries(families, extra, pid=None, known=None,
-                       candidates=(), loader_cache=True, pids=None):
+                       candidates=(), loader_cache=True, pids=None,
+                       looked_at=None):
     """Distinct files to attach to, one per (family, device, inode).
 
     families: names from FAMILIES to auto-discover; extra: (family, path)
@@ -591,7 +681,9 @@ def discover_libraries(families, extra, pid=None, known=None,
     processes' instead of every process's); candidates:
     more files to look into (programs not running yet). Files whose
     identity is in known (a set, updated) are left out: what a rescan
-    finds is only what is new. Returns (files, number of files scanned).
+    finds is only what is new. looked_at (a set) gets the kernel identity
+    (device, inode) of every file looked at. Returns (files, number of
+    files scanned).
     """
     found = []
     known = set() if known is None else known
@@ -634,6 +726,8 @@ def discover_libraries(families, extra, pid=None, known=None,
         st = stat(path)
         if st is None:
             continue
+        if looked_at is not None:
+            looked_at.add((kernel_dev(st.st_dev), st.st_ino))
         for family in matched:
             add(family, path, st)
         if not matched and (st.st_dev, st.st_ino) not in scanned:
@@ -830,7 +924,7 @@ def http_scan(state, data, acc=0, status=0, flags=0):
     return state, pos, acc, status, flags, head
 
 
-REC_REQUEST, REC_EXIT, REC_EXEC = 1, 2, 3
+REC_REQUEST, REC_EXIT, REC_EXEC, REC_MAP = 1, 2, 3, 4
 RF_COMPLETE, RF_HEAD_METHOD, RF_CLOSE_DELIMITED, RF_SOCKET = 1, 2, 4, 8
 STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 
@@ -838,12 +932,15 @@ BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
 #define TASK_COMM_LEN 16     /* linux/sched.h would cost a second of compile */
 
-/* BCC looks every bpf_probe_read* call site up in /proc/kallsyms while it
- * compiles (0.1 s each here): user memory is read through this one. */
-static __always_inline long read_user(void *dst, u32 size, const void *src)
-{
-    return bpf_probe_read_user(dst, size, src);
-}
+/* The helpers that read memory, under names of our own: BCC looks every
+ * bpf_probe_read* call up in /proc/kallsyms while it compiles (0.1 s
+ * apiece here). */
+static long (*read_user)(void *dst, u32 size, const void *src) =
+    (void *)BPF_FUNC_probe_read_user;
+static long (*read_kernel)(void *dst, u32 size, const void *src) =
+    (void *)BPF_FUNC_probe_read_kernel;
+static long (*read_kernel_str)(void *dst, u32 size, const void *src) =
+    (void *)BPF_FUNC_probe_read_kernel_str;
 
 #define REQ_CAP __REQ_CAP__
 #define RESP_CAP __RESP_CAP__
@@ -855,7 +952,7 @@ static __always_inline long read_user(void *dst, u32 size, const void *src)
 #define WAKE_EVERY __WAKE_EVERY__
 #define PLAIN_HTTP __PLAIN_HTTP__
 
-enum { REC_REQUEST = 1, REC_EXIT = 2, REC_EXEC = 3 };
+enum { REC_REQUEST = 1, REC_EXIT = 2, REC_EXEC = 3, REC_MAP = 4 };
 enum { RF_COMPLETE = 1, RF_HEAD_METHOD = 2, RF_CLOSE_DELIMITED = 4,
        RF_SOCKET = 8 };
 enum { STAT_LOST = 0, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED };
@@ -1815,42 +1912,111 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     return 0;
 }
 
-/* Programs started from now on: an exec of a file user space has not
- * looked at yet is reported at once, with the path, so its probes can be
- * in place before it talks TLS. Paths already looked at (known_execs,
- * filled by user space and here) cost one hash and one lookup. */
-BPF_TABLE("lru_hash", u64, u8, known_execs, 65536);
+/* Programs started from now on, and shared objects mapped from now on: a
+ * file user space has not looked at yet is reported at once, so its probes
+ * can be in place before it talks TLS. Files are known by identity (inode
+ * and device), not path: a package upgrade or a container image puts a new
+ * file where an old one was. Known files (filled by user space and here)
+ * cost a few reads and one lookup per exec or executable mapping. Where
+ * the kernel keeps them comes from its BTF, through kernel_offsets, which
+ * user space fills once the program is loaded. */
+struct kernel_offsets {
+    u32 ready;
+    u32 task_mm, task_files, mm_exe_file, files_fdt, fdt_fd, fdt_max_fds,
+        file_inode, inode_ino, inode_sb, sb_dev;
+};
+BPF_ARRAY(kernel_offsets, struct kernel_offsets, 1);
+
+struct file_id {
+    u64 ino;
+    u32 dev;            /* super_block.s_dev */
+    u32 pad;
+};
+BPF_TABLE("lru_hash", struct file_id, u8, known_files, 65536);
+
+static __always_inline u64 kernel_word(u64 addr)
+{
+    u64 value = 0;
+    read_kernel(&value, sizeof(value), (void *)addr);
+    return value;
+}
+
+/* 1 when a struct file * is a file user space has not looked at; it is
+ * known from now on. */
+static __always_inline int new_file(struct kernel_offsets *o, u64 file,
+                                    struct file_id *id)
+{
+    u64 inode = file ? kernel_word(file + o->file_inode) : 0;
+    if (!inode)
+        return 0;
+    id->ino = kernel_word(inode + o->inode_ino);
+    id->dev = (u32)kernel_word(kernel_word(inode + o->inode_sb) + o->sb_dev);
+    id->pad = 0;
+    u8 one = 1;
+    if (known_files.lookup(id))
+        return 0;
+    return known_files.insert(id, &one) == 0;
+}
+
+static __always_inline void report_file(u8 type, u32 tgid, struct file_id *id,
+                                        struct record *r, int path_len)
+{
+    r->type = type;
+    r->tgid = tgid;
+    r->req_start = bpf_ktime_get_ns();
+    r->handle = id->ino;        /* the file's identity */
+    r->tid = id->dev;
+    r->req_cap = path_len;
+    u64 size = offsetof(struct record, req_data) + 256;
+    if (records.ringbuf_output(r, size, BPF_RB_FORCE_WAKEUP) != 0)
+        count_stat(STAT_LOST);
+}
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!pass_filters(tgid))
-        return 0;
     u32 zero = 0;
+    struct kernel_offsets *o = kernel_offsets.lookup(&zero);
+    if (!o || !o->ready || !pass_filters(tgid))
+        return 0;
+    u64 task = bpf_get_current_task();
+    u64 exe = kernel_word(kernel_word(task + o->task_mm) + o->mm_exe_file);
+    struct file_id id;
+    if (!new_file(o, exe, &id))
+        return 0;
     struct record *r = blank.lookup(&zero);
     if (!r)
         return 0;
-    int len = bpf_probe_read_kernel_str(r->req_data, 256,
+    int len = read_kernel_str(r->req_data, 256,
         (void *)args + (args->data_loc_filename & 0xffff));
-    if (len <= 1)
+    report_file(REC_EXEC, tgid, &id, r, len > 1 ? len - 1 : 0);
+    return 0;
+}
+
+/* A file mapped executable (the loader mapping a shared object's code,
+ * at start or at dlopen): ld.so maps it from a descriptor. */
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+    if (!(args->prot & 4) || (int)args->fd < 0)     /* PROT_EXEC, a file */
         return 0;
-    u64 hash = 0xcbf29ce484222325ULL;         /* FNV-1a, as path_hash() */
-    for (int i = 0; i < 255; i++) {
-        u8 c = r->req_data[i];
-        if (!c)
-            break;
-        hash = (hash ^ c) * 0x100000001b3ULL;
-    }
-    u8 one = 1;
-    if (known_execs.lookup(&hash) || known_execs.insert(&hash, &one) != 0)
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 zero = 0;
+    struct kernel_offsets *o = kernel_offsets.lookup(&zero);
+    if (!o || !o->ready || !pass_filters(tgid))
         return 0;
-    r->type = REC_EXEC;
-    r->tgid = tgid;
-    r->req_start = bpf_ktime_get_ns();
-    r->req_cap = len - 1;
-    u64 size = offsetof(struct record, req_data) + 256;
-    if (records.ringbuf_output(r, size, BPF_RB_FORCE_WAKEUP) != 0)
-        count_stat(STAT_LOST);
+    u64 task = bpf_get_current_task();
+    u64 fdt = kernel_word(kernel_word(task + o->task_files) + o->files_fdt);
+    u32 max_fds = (u32)kernel_word(fdt + o->fdt_max_fds);
+    u32 fd = args->fd;
+    if (fd >= max_fds)
+        return 0;
+    u64 file = kernel_word(kernel_word(fdt + o->fdt_fd) + 8 * (u64)fd);
+    struct file_id id;
+    if (!new_file(o, file, &id))
+        return 0;
+    struct record *r = blank.lookup(&zero);
+    if (r)
+        report_file(REC_MAP, tgid, &id, r, 0);
     return 0;
 }
 
@@ -2316,14 +2482,6 @@ Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "retrans_start retrans_end resp_data req_data")
 
 
-def path_hash(path):
-    """The kernel's hash of an exec path (FNV-1a 64 over its bytes)."""
-    h = 0xcbf29ce484222325
-    for byte in path.encode("utf-8", "surrogateescape")[:255]:
-        h = ((h ^ byte) * 0x100000001b3) & 0xffffffffffffffff
-    return h
-
-
 def decode_record(raw):
     """Record from the bytes of one ring buffer record (or map value)."""
     fields = list(RECORD_HEAD.unpack_from(raw))
@@ -2338,60 +2496,44 @@ def decode_record(raw):
 # HTTP/S3 parsing (pure functions)
 # ---------------------------------------------------------------------------
 
-HEAD_END = b"\r\n\r\n"
+RequestHead = namedtuple("RequestHead", "method target headers")
 
-RequestHead = namedtuple("RequestHead", "method target version headers length")
-ResponseHead = namedtuple("ResponseHead", "version status reason headers length")
+# What naming a request and its answer needs from their heads: the rest of
+# a head is never decoded.
+WANTED_HEADERS = ("host", "x-amz-copy-source", "content-type",
+                  "x-amz-request-id", "x-amz-error-code")
+_REQUEST_LINE = re.compile(rb"([A-Z]+) ([^ \r\n]+) HTTP/[0-9.]+\r\n")
+_WANTED_HEADER = re.compile(rb"\n(%s)[ \t]*:[ \t]*([^\r\n]*)\r(?=\n)" %
+                            "|".join(WANTED_HEADERS).encode(), re.I)
 
 
-def _parse_headers(lines):
+def wanted_headers(data, start):
+    """{name: value} of the WANTED_HEADERS in the head whose header lines
+    start at data[start] (just past a CRLF): complete lines only, so a head
+    cut short gives what it has, and nothing past the head's end."""
+    end = data.find(b"\r\n\r\n", start - 2)
     headers = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
+    for name, value in _WANTED_HEADER.findall(
+            data[start - 1:end + 2] if end >= 0 else data[start - 1:]):
+        headers[name.decode().lower()] = value.decode("latin-1").rstrip(" \t")
     return headers
 
 
-def _head_lines(data, partial):
-    """(lines, length) of the HTTP head at the start of data, or None. With
-    partial, a head cut short gives its complete lines and length None."""
-    end = data.find(HEAD_END)
-    if end >= 0:
-        return data[:end].decode("latin-1").split("\r\n"), end + 4
-    cut = data.rfind(b"\r\n") if partial else -1
-    if cut < 0:
-        return None
-    return data[:cut].decode("latin-1").split("\r\n"), None
-
-
-def parse_request_head(data, partial=False):
+def parse_request_head(data):
     """RequestHead from bytes starting with a request line, else None."""
-    split = _head_lines(data, partial)
-    if split is None:
+    line = _REQUEST_LINE.match(data)
+    if line is None or line.group(1).decode() not in HTTP_METHODS:
         return None
-    lines, length = split
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[0] not in HTTP_METHODS or \
-            not parts[2].startswith("HTTP/"):
-        return None
-    return RequestHead(parts[0], parts[1], parts[2], _parse_headers(lines[1:]),
-                       length)
+    return RequestHead(line.group(1).decode(), line.group(2).decode("latin-1"),
+                       wanted_headers(data, line.end()))
 
 
-def parse_response_head(data, partial=False):
-    """ResponseHead from bytes starting with a status line, else None."""
-    split = _head_lines(data, partial)
-    if split is None:
+def response_headers(data):
+    """The WANTED_HEADERS of bytes starting with a status line, else None."""
+    if not data.startswith(b"HTTP/"):
         return None
-    lines, length = split
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or \
-            not parts[1].isdigit() or len(parts[1]) != 3:
-        return None
-    return ResponseHead(parts[0], int(parts[1]),
-                        parts[2] if len(parts) > 2 else "",
-                        _parse_headers(lines[1:]), length)
+    line_end = data.find(b"\r\n")
+    return wanted_headers(data, line_end + 2) if line_end > 0 else None
 
 
 # Query parameters whose values are secrets (compared lowercased).
@@ -2422,6 +2564,8 @@ def escape_text(text):
     """Control characters and backslashes as \\xNN: one request, one line."""
     if text is None:
         return None
+    if text.isprintable() and "\\" not in text:
+        return text             # the common case, checked in C
     return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
@@ -2451,31 +2595,30 @@ def split_host_port(host):
     return host, None
 
 
+def unquote_if_quoted(text):
+    return unquote(text) if "%" in text else text
+
+
 def parse_query(query):
     params = {}
     if query:
         for part in query.split("&"):
             name, _eq, value = part.partition("=")
-            params[unquote(name).lower()] = unquote(value)
+            params[unquote_if_quoted(name).lower()] = unquote_if_quoted(value)
     return params
 
 
-def s3_target(host, target, endpoints=()):
-    """Endpoint, bucket, key and query of an S3 request.
-
-    Virtual-hosted style when the Host is BUCKET.ENDPOINT for an AWS S3
-    endpoint, localhost, an endpoint given with --endpoint, or one whose
-    name starts with `s3.`/`s3-`; path style otherwise.
-    """
-    host = (host or "").strip().lower()
+@functools.lru_cache(maxsize=1024)
+def host_style(host, endpoints):
+    """(endpoint, bucket or None) of a Host header: BUCKET.ENDPOINT for an
+    AWS S3 endpoint, localhost, an endpoint given with --endpoint, or one
+    whose name starts with `s3.`/`s3-`. A host is worked out once."""
+    host = host.strip().lower()
     name, port = split_host_port(host)
-    path, _sep, query = target.partition("?")
-    if path.startswith("http://") or path.startswith("https://"):
-        path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else "/"
     bucket = None
     endpoint = name
     match = _AWS_VHOST.match(name)
-    domain = next((d for d in tuple(endpoints) + VHOST_DOMAINS
+    domain = next((d for d in endpoints + VHOST_DOMAINS
                    if name.endswith("." + d)), None)
     if match and not match.group("bucket").startswith("s3"):
         bucket, endpoint = match.group("bucket"), match.group("endpoint")
@@ -2488,14 +2631,25 @@ def s3_target(host, target, endpoints=()):
             bucket, endpoint = label, rest
     if port:
         endpoint = "%s:%s" % (endpoint, port)
+    return endpoint or None, bucket
+
+
+def s3_target(host, target, endpoints=()):
+    """Endpoint, bucket, key and query of an S3 request: virtual-hosted
+    style when host_style finds a bucket in the Host, path style otherwise.
+    """
+    endpoint, bucket = host_style(host or "", tuple(endpoints))
+    path, _sep, query = target.partition("?")
+    if path.startswith("http://") or path.startswith("https://"):
+        path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else "/"
     segments = path.lstrip("/")
     if bucket is None:
         first, slash, rest = segments.partition("/")
-        bucket = unquote(first) or None
-        key = unquote(rest) if slash and rest else None
+        bucket = unquote_if_quoted(first) or None
+        key = unquote_if_quoted(rest) if slash and rest else None
     else:
-        key = unquote(segments) or None
-    return S3Target(endpoint or None, bucket, key, parse_query(query))
+        key = unquote_if_quoted(segments) or None
+    return S3Target(endpoint, bucket, key, parse_query(query))
 
 
 def s3_operation(method, target, headers):
@@ -2646,62 +2800,59 @@ NS_PER_MS = 1e6
 
 def build_request(rec, endpoints=()):
     """The Request for one kernel record: its heads parsed, its times."""
-    complete = bool(rec.flags & RF_COMPLETE)
-    req = parse_request_head(rec.req_data, partial=True)
-    method = host = path = op = target = None
+    (req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes, _handle,
+     tgid, tid, seq, req_head, resp_head, status, _req_cap, _resp_cap, _type,
+     lib, flags, comm, connect_start, connect_end, retrans_start, retrans_end,
+     resp_data, req_data) = rec
+    complete = bool(flags & RF_COMPLETE)
+    req = parse_request_head(req_data)
+    method = host = path = op = None
+    endpoint = bucket = key = None
     if req is not None:
         host = req.headers.get("host")
         method, path = req.method, redact_target(req.target)
         target = s3_target(host, req.target, endpoints)
+        endpoint, bucket, key, _query = target
         op = s3_operation(method, target, req.headers)
-    resp = None
-    if rec.resp_start:
-        resp = parse_response_head(rec.resp_data, partial=True)
-    status = rec.status if 100 <= rec.status <= 999 else None
+    resp = response_headers(resp_data) if resp_start else None
+    if not 100 <= status <= 999:
+        status = None
     request_id = error_code = None
     if resp is not None:
-        request_id = resp.headers.get("x-amz-request-id")
+        request_id = resp.get("x-amz-request-id")
         if status and status >= 300:
-            error_code = s3_error_code(rec.resp_data[rec.resp_head:]) or \
-                resp.headers.get("x-amz-error-code")
+            error_code = s3_error_code(resp_data[resp_head:]) or \
+                resp.get("x-amz-error-code")
     ttfb = server = latency = transfer = None
-    if rec.resp_start:
-        ttfb = (rec.resp_start - rec.req_start) / NS_PER_MS
-        if rec.resp_start >= rec.req_end:
-            server = (rec.resp_start - rec.req_end) / NS_PER_MS
+    if resp_start:
+        ttfb = (resp_start - req_start) / NS_PER_MS
+        if resp_start >= req_end:
+            server = (resp_start - req_end) / NS_PER_MS
         # An unfinished response has no end: its last byte is unknown.
         if complete:
-            latency = (rec.resp_end - rec.req_start) / NS_PER_MS
+            latency = (resp_end - req_start) / NS_PER_MS
             if server is not None:
                 # the rest is moving bytes: request body, response body
                 transfer = latency - server
+    else:
+        resp_bytes = None
     connect = tls = retrans = None
-    socket_known = rec.flags & RF_SOCKET
-    if socket_known and rec.connect_start and \
-            rec.connect_end >= rec.connect_start:
-        connect = (rec.connect_end - rec.connect_start) / NS_PER_MS
-        if rec.lib != LIB_PLAIN and rec.req_start >= rec.connect_end:
-            tls = (rec.req_start - rec.connect_end) / NS_PER_MS
+    socket_known = flags & RF_SOCKET
+    if socket_known and connect_start and connect_end >= connect_start:
+        connect = (connect_end - connect_start) / NS_PER_MS
+        if lib != LIB_PLAIN and req_start >= connect_end:
+            tls = (req_start - connect_end) / NS_PER_MS
     # A first request opened its connection if we saw the connect; a later
     # one reused it; a first one on a connection older than us: unknown.
-    new_conn = True if connect is not None else False if rec.seq > 1 \
-        else None
-    if socket_known and rec.retrans_end >= rec.retrans_start:
-        retrans = rec.retrans_end - rec.retrans_start
+    new_conn = True if connect is not None else False if seq > 1 else None
+    if socket_known and retrans_end >= retrans_start:
+        retrans = retrans_end - retrans_start
     return Request(
-        start_ns=rec.req_start, pid=rec.tgid, tid=rec.tid, comm=rec.comm,
-        lib=LIB_NAMES.get(rec.lib, "unknown"), host=host,
-        endpoint=target.endpoint if target else None, method=method,
-        path=path, bucket=target.bucket if target else None,
-        key=target.key if target else None, op=op, status=status,
-        req_bytes=rec.req_bytes,
-        resp_bytes=rec.resp_bytes if rec.resp_start else None,
-        ttfb_ms=ttfb, latency_ms=latency, server_ms=server,
-        request_id=request_id, error_code=error_code, complete=complete,
-        truncated=rec.req_head > len(rec.req_data), transfer_ms=transfer,
-        connect_ms=connect, tls_handshake_ms=tls, new_conn=new_conn,
-        retrans=retrans, why=slow_part(connect, tls, server, transfer,
-                                       retrans))
+        req_start, tgid, tid, comm, LIB_NAMES.get(lib, "unknown"), host,
+        endpoint, method, path, bucket, key, op, status, req_bytes,
+        resp_bytes, ttfb, latency, server, request_id, error_code, complete,
+        req_head > len(req_data), transfer, connect, tls, new_conn, retrans,
+        slow_part(connect, tls, server, transfer, retrans))
 
 
 # ---------------------------------------------------------------------------
@@ -2729,19 +2880,21 @@ class LatencyHistogram:
         self.max = 0.0
         self.min = math.inf
 
-    def add(self, value):
+    def bucket(self, value):
+        if value <= self.MIN_VALUE:
+            return 0
+        return max(1, math.ceil(math.log(value / self.MIN_VALUE) /
+                                self.log_gamma))
+
+    def add(self, value, bucket=None):
+        """bucket: self.bucket(value), when the caller knows it already."""
         self.count += 1
         self.total += value
         if value > self.max:
             self.max = value
         if value < self.min:
             self.min = value
-        if value <= self.MIN_VALUE:
-            index = 0
-        else:
-            index = max(1, math.ceil(math.log(value / self.MIN_VALUE) /
-                                     self.log_gamma))
-        self.buckets[index] += 1
+        self.buckets[self.bucket(value) if bucket is None else bucket] += 1
 
     def merge(self, other):
         for index, n in other.buckets.items():
@@ -2782,15 +2935,26 @@ class RowStats:
         self.transfer = LatencyHistogram()
         self.count = self.errors = self.incomplete = self.new_conns = 0
 
-    def add(self, request):
+    # Where a request's times go (RowStats.add's samples).
+    BUCKETS = LatencyHistogram()
+
+    @classmethod
+    def samples(cls, request):
+        """(value, bucket) of a request's latency, server and transfer
+        times, or None: worked out once for all the rows it counts in."""
+        return tuple(None if value is None else
+                     (value, cls.BUCKETS.bucket(value))
+                     for value in (request.latency_ms, request.server_ms,
+                                   request.transfer_ms))
+
+    def add(self, request, samples=None):
         self.count += 1
         if request.new_conn:
             self.new_conns += 1
-        for hist, value in ((self.latency, request.latency_ms),
-                            (self.server, request.server_ms),
-                            (self.transfer, request.transfer_ms)):
-            if value is not None:
-                hist.add(value)
+        for hist, sample in zip((self.latency, self.server, self.transfer),
+                                samples or self.samples(request)):
+            if sample is not None:
+                hist.add(*sample)
         if not request.complete:
             self.incomplete += 1
         elif request.status is None or request.status >= 400:
@@ -2808,8 +2972,8 @@ class StatsTable:
     def __init__(self):
         self.rows = defaultdict(RowStats)
 
-    def add(self, group, row, request):
-        self.rows[(group, row)].add(request)
+    def add(self, group, row, request, samples=None):
+        self.rows[(group, row)].add(request, samples)
 
     def render(self, title, row_label):
         """Tables as text: one per group, rows sorted by count."""
@@ -2888,16 +3052,18 @@ class Statistics:
         self.tables = {kind: StatsTable() for kind in self.kinds}
         self.cap = LabelCap(max_buckets)
 
-    def add(self, request):
+    def add(self, request, samples=None):
+        samples = samples or RowStats.samples(request)
         endpoint = request.endpoint or request.host or "-"
         for kind, table in self.tables.items():
             if kind == "method":
-                table.add(request.host or "-", request.method or "-", request)
+                table.add(request.host or "-", request.method or "-", request,
+                          samples)
             elif kind == "op" and request.op:
-                table.add(endpoint, request.op, request)
+                table.add(endpoint, request.op, request, samples)
             elif kind == "bucket" and request.bucket:
                 host, bucket = self.cap.pair(endpoint, request.bucket)
-                table.add(host, bucket, request)
+                table.add(host, bucket, request, samples)
 
     def render(self):
         parts = [self.tables[kind].render(*self.TABLES[kind])
@@ -2984,33 +3150,51 @@ def format_text(request, clock):
         escape_text(request.path or "-"))
 
 
-def _round(value):
-    return None if value is None else round(value, 3)
+_json_string = json.encoder.encode_basestring_ascii
+
+
+def _json(value):
+    """value as json.dumps writes it. ASCII only: every control character
+    escaped, so one object is one line."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value.__class__ is str:
+        return _json_string(value)
+    return repr(value)
+
+
+def _json_ms(value):
+    return "null" if value is None else repr(round(value, 3))
+
+
+JSON_FIELDS = (
+    "ts", "pid", "tid", "comm", "lib", "host", "endpoint", "method", "path",
+    "bucket", "key", "op", "status", "req_bytes", "resp_bytes", "ttfb_ms",
+    "latency_ms", "server_ms", "transfer_ms", "connect_ms",
+    "tls_handshake_ms", "new_conn", "retrans", "why", "request_id",
+    "error_code", "complete", "truncated")
+# One object per request, written by hand: json.dumps of a dict costs more
+# than the rest of a request's handling.
+JSON_FORMAT = "{%s}" % ",".join('"%s":%%s' % name for name in JSON_FIELDS)
 
 
 def format_json(request, clock):
-    record = dict([
-        ("ts", clock.iso_utc(request.start_ns)),
-        ("pid", request.pid), ("tid", request.tid), ("comm", request.comm),
-        ("lib", request.lib), ("host", request.host),
-        ("endpoint", request.endpoint), ("method", request.method),
-        ("path", request.path), ("bucket", request.bucket),
-        ("key", request.key), ("op", request.op), ("status", request.status),
-        ("req_bytes", request.req_bytes), ("resp_bytes", request.resp_bytes),
-        ("ttfb_ms", _round(request.ttfb_ms)),
-        ("latency_ms", _round(request.latency_ms)),
-        ("server_ms", _round(request.server_ms)),
-        ("transfer_ms", _round(request.transfer_ms)),
-        ("connect_ms", _round(request.connect_ms)),
-        ("tls_handshake_ms", _round(request.tls_handshake_ms)),
-        ("new_conn", request.new_conn), ("retrans", request.retrans),
-        ("why", request.why),
-        ("request_id", request.request_id),
-        ("error_code", request.error_code), ("complete", request.complete),
-        ("truncated", request.truncated),
-    ])
-    # ensure_ascii escapes every control character: one object, one line.
-    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    j, ms = _json, _json_ms
+    return JSON_FORMAT % (
+        '"%s"' % clock.iso_utc(request.start_ns), request.pid, request.tid,
+        j(request.comm), j(request.lib), j(request.host), j(request.endpoint),
+        j(request.method), j(request.path), j(request.bucket), j(request.key),
+        j(request.op), j(request.status), j(request.req_bytes),
+        j(request.resp_bytes), ms(request.ttfb_ms), ms(request.latency_ms),
+        ms(request.server_ms), ms(request.transfer_ms),
+        ms(request.connect_ms), ms(request.tls_handshake_ms),
+        j(request.new_conn), j(request.retrans), j(request.why),
+        j(request.request_id), j(request.error_code), j(request.complete),
+        j(request.truncated))
 
 
 # Buckets in seconds: 1 ms to 2 min.
@@ -3031,6 +3215,7 @@ class PrometheusOutput:
             PlatformCollector(registry=registry)
         self.registry = registry
         self.cap = LabelCap(max_label_values)
+        self.children = {}      # (metric, label values): its child
         labels = ("host", "method", "op", "bucket")
         self.duration = Histogram(
             "s3slower_request_duration_seconds",
@@ -3072,25 +3257,33 @@ class PrometheusOutput:
     def add(self, request):
         host, bucket = self.cap.pair(request.endpoint or request.host,
                                      request.bucket)
-        values = (host, request.method or "none", request.op or "none",
-                  bucket)
         # An unfinished request has its own status: its time is unknown.
         status = "incomplete" if not request.complete else \
             str(request.status) if request.status else "none"
-        self.requests.labels(*values, status).inc()
-        if request.latency_ms is not None:
-            self.duration.labels(*values).observe(request.latency_ms / 1e3)
-        for metric, value in ((self.ttfb, request.ttfb_ms),
+        values = (host, request.method or "none", request.op or "none",
+                  bucket)
+        child = self.child
+        child(self.requests, values + (status,)).inc()
+        for metric, value in ((self.duration, request.latency_ms),
+                              (self.ttfb, request.ttfb_ms),
                               (self.server, request.server_ms),
                               (self.transfer, request.transfer_ms)):
             if value is not None:
-                metric.labels(*values).observe(value / 1e3)
+                child(metric, values).observe(value / 1e3)
         if request.retrans:
-            self.retransmits.labels(host).inc(request.retrans)
+            child(self.retransmits, (host,)).inc(request.retrans)
         if request.req_bytes:
-            self.req_bytes.labels(*values).inc(request.req_bytes)
+            child(self.req_bytes, values).inc(request.req_bytes)
         if request.resp_bytes:
-            self.resp_bytes.labels(*values).inc(request.resp_bytes)
+            child(self.resp_bytes, values).inc(request.resp_bytes)
+
+    def child(self, metric, values):
+        """metric.labels(*values), the costly part of an update, once per
+        series (as many as the capped label values allow)."""
+        found = self.children.get((metric, values))
+        if found is None:
+            found = self.children[(metric, values)] = metric.labels(*values)
+        return found
 
     def serve(self, port, addr):
         from prometheus_client import start_http_server
@@ -3270,16 +3463,16 @@ def probe_plan(lib):
                              lambda path: library_plan(path, lib.family))
 
 
-def attach_probes(bpf, libraries, prefix="  ", exec_ns=None):
+def attach_probes(bpf, libraries, prefix="  ", cause=None):
     """Attach every probe of each library; returns {family: count}. With
-    exec_ns (the exec that made us look), each line says how long after
-    that exec the file's probes were in place."""
+    cause, (kernel ns, "exec" or "mmap") of the event that made us look,
+    each line says how long after it the file's probes were in place."""
 
     def since_exec():
-        if exec_ns is None:
+        if cause is None:
             return ""
-        return ", %.1f ms after exec" % (
-            (time.monotonic_ns() - exec_ns) / NS_PER_MS)
+        return ", %.1f ms after %s" % (
+            (time.monotonic_ns() - cause[0]) / NS_PER_MS, cause[1])
 
     attached = defaultdict(int)
     skipped = []
@@ -3425,7 +3618,7 @@ class Tracer:
                               (args.prometheus_addr, "127.0.0.1", "localhost",
                                "[::1]", "0.0.0.0")}
 
-    def load(self, libraries, compiled):
+    def load(self, libraries, compiled, offsets):
         self.bpf, parsers = compiled
         attached = attach_probes(self.bpf, libraries)
         parsers()
@@ -3443,18 +3636,28 @@ class Tracer:
         self.inflight = self.bpf["inflight"]
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
-        self.arm_exec_filter()
+        self.arm_file_filter(offsets)
         self.bpf["records"].open_ring_buffer(self.on_record)
         return attached
 
-    def arm_exec_filter(self):
-        """Programs the start-up scan looked at (PATH as a shell names them,
-        the install places): their execs need not reach user space. What the
-        scan did not reach is looked at when it runs."""
-        table = self.bpf["known_execs"]
+    def arm_file_filter(self, offsets):
+        """Where the kernel keeps a file's identity (from its BTF), and the
+        files already looked at: their execs and mappings need not reach
+        user space. Without BTF, programs started later are found by
+        rescans only."""
+        if offsets is None:
+            progress("  programs started later: found by rescans only (no "
+                     "kernel BTF at /sys/kernel/btf/vmlinux)")
+            return
+        table = self.bpf["known_files"]
         one = table.Leaf(1)
-        for path in self.looked_at:
-            table[table.Key(path_hash(path))] = one
+        for dev, ino in self.looked_at:
+            table[table.Key(ino, dev)] = one
+        table = self.bpf["kernel_offsets"]
+        table[ctypes.c_int(0)] = table.Leaf(1, *(offsets[name] for name in
+                                                 KERNEL_OFFSETS))
+        progress("  programs started later: found at their exec and when they "
+                 "map a new file executable")
 
     def on_record(self, ctx, data, size):
         # ctypes would print and swallow an exception raised here: keep it
@@ -3465,8 +3668,11 @@ class Tracer:
             if rec.type == REC_EXIT:
                 self.sweep(rec.tgid)
             elif rec.type == REC_EXEC:
-                self.on_exec(rec.tgid, rec.req_data.decode(
-                    "utf-8", "surrogateescape"), rec.req_start)
+                path = rec.req_data.decode("utf-8", "surrogateescape")
+                self.look_at(rec.tgid, (rec.req_start, "exec"),
+                             [path] if path.startswith("/") else [])
+            elif rec.type == REC_MAP:
+                self.look_at(rec.tgid, (rec.req_start, "mmap"))
             else:
                 self.report(build_request(rec, self.args.endpoint))
         except BaseException as exc:
@@ -3501,9 +3707,10 @@ class Tracer:
                 or (request.host or "").lower() in self.own_hosts:
             return
         self.reported += 1
-        self.stats.add(request)
+        samples = RowStats.samples(request)
+        self.stats.add(request, samples)
         if self.interval_stats:
-            self.interval_stats.add(request)
+            self.interval_stats.add(request, samples)
         if self.prometheus:
             self.prometheus.add(request)
         if self.args.no_requests:
@@ -3582,24 +3789,24 @@ class Tracer:
         self.attach_new(new)
         SCAN_CACHE.save()
 
-    def on_exec(self, pid, path, exec_ns):
-        """A program user space has not seen started: look at its file and
-        what it maps now, and once more a little later (libraries it loads
-        after its start)."""
-        candidates = [path] if path.startswith("/") else []
+    def look_at(self, pid, cause, candidates=()):
+        """A process ran or mapped a file user space has not looked at:
+        look at what it maps now, and once more a little later (a mapping
+        being made is not in its maps yet, nor what the loader maps next).
+        candidates: its exec path, for a process gone already."""
         if os.path.exists("/proc/%d" % pid):
             candidates = []     # its own view: /proc/PID/exe, its root
         new, _ = discover_libraries(selected_families(self.args), [], pid,
                                     self.known, candidates,
                                     loader_cache=False)
-        self.attach_new(new, exec_ns)
+        self.attach_new(new, cause)
         self.second_looks.append((time.monotonic() + SECOND_LOOK, pid))
 
-    def attach_new(self, new, exec_ns=None):
+    def attach_new(self, new, cause=None):
         if not new:
             return
         attached = attach_probes(self.bpf, new, prefix="s3slower: new: ",
-                                 exec_ns=exec_ns)
+                                 cause=cause)
         for family, count in attached.items():
             self.attached[family] += count
             if self.prometheus:
@@ -3667,8 +3874,7 @@ def main(argv=None):
         started = time.monotonic()
         deadline = started + SCAN_SECONDS
         cut = []
-
-        looked_at = []
+        looked_at = set()
 
         def programs():
             """Files users may run later, for as long as the scan may take."""
@@ -3676,12 +3882,12 @@ def main(argv=None):
                 if time.monotonic() > deadline:
                     cut.append(path)
                     return
-                looked_at.append(path)
                 yield path
 
         libraries, scanned = discover_libraries(
             selected_families(args), forced_libraries(args), args.pid, known,
-            () if args.pid else programs())
+            () if args.pid else programs(), looked_at=looked_at)
+        offsets = btf_offsets()
         SCAN_CACHE.save()
         progress("  looked inside %d files (running, on PATH, under %s) for "
                  "built-in OpenSSL and Go crypto/tls in %.2f s%s" % (
@@ -3703,7 +3909,7 @@ def main(argv=None):
                 raise Fatal("cannot serve metrics on %s:%d: %s" % (
                     args.prometheus_addr, args.prometheus_port,
                     exc.strerror or exc))
-        attached = tracer.load(libraries, compiled())
+        attached = tracer.load(libraries, compiled(), offsets)
         SCAN_CACHE.save()
         if tracer.prometheus:
             for family, count in attached.items():

@@ -249,7 +249,7 @@ def startup(args, work):
 # With ", N ms after exec" when the exec made the tracer look; without when
 # a rescan (every --rescan-interval s) found the program running first.
 NEW_LINE = re.compile(r"^s3slower: new: (?:go|openssl built into) (\S+) "
-                      r"\(.*?(?:, ([\d.]+) ms after exec)?\)$", re.M)
+                      r"\(.*?(?:, ([\d.]+) ms after (?:exec|mmap))?\)$", re.M)
 
 
 def exec_to_attached(args, bins, work):

@@ -29,14 +29,15 @@ runs that started before the probes were in.
     (every run that started after the probes went in is reported);
   - a plain-HTTP keep-alive connection opened before the tracer: adopted at
     its next request;
-  - known gaps, as strict xfails (they fail once fixed, so the marker goes):
-    a bundled libssl replaced by an update after run 1 (same program
-    path, new file); a bundled libssl loaded late (PyInstaller
-    style, like the AWS CLI v2); a program on PATH with a new libssl copy
-    (LD_LIBRARY_PATH; a private mount namespace's curl); a program on PATH
-    replaced by a new file after the tracer started.
+  - new files where the kernel's identity filter must not be fooled by a
+    known path: a bundled libssl replaced by an update after run 1 (same
+    program path, new file), a program on PATH replaced by a new file; and
+    new files a known program maps (found at the mmap): a bundled libssl
+    loaded late (PyInstaller style, like the AWS CLI v2), a program on PATH
+    with a new libssl copy (LD_LIBRARY_PATH; a private mount namespace's
+    curl).
 
-Figures (fractions, "ms after exec") are printed with the prefix
+Figures (fractions, "ms after exec" or "after mmap") are printed with the prefix
 "[new programs]" even without -s.
 """
 
@@ -72,8 +73,7 @@ SHORT_RUNS = 3           # runs of each multi-request program
 
 
 class NotReported(AssertionError):
-    """Requests the server answered that the tracer did not report (what
-    the strict xfails expect; any other failure is a real one)."""
+    """Requests the server answered that the tracer did not report."""
 
 
 def say(capsys, text):
@@ -444,7 +444,7 @@ class World:
     def attach_line(self, path, timeout):
         """The tracer's "new:" line for path, waited for, or None."""
         pattern = re.compile(r"^s3slower: new: .*? %s \(.*?(?:, ([\d.]+) ms "
-                             r"after exec)?\)$" % re.escape(path), re.M)
+                             r"after (?:exec|mmap))?\)$" % re.escape(path), re.M)
         match = wait_until(lambda: pattern.search(self.tracer.stderr()),
                            timeout)
         if not match:
@@ -754,39 +754,13 @@ for method, path in zip(sys.argv[3::2], sys.argv[4::2]):
     print(resp.status, flush=True)
 """
 
-GAP_UPDATED = (
-    "execs are filtered in the kernel by path: once a program's path was "
-    "looked at, a new libssl file under it (an application update, a new "
-    "container image) is found only if a rescan catches the process running")
-GAP_LATE = (
-    "a new program's files are looked at on its exec and 200 ms later: a "
-    "libssl it loads after that (a PyInstaller bundle importing ssl late, "
-    "like the AWS CLI v2) is found only if a --rescan-interval scan catches "
-    "the process running, and its later runs are not looked at (the exec "
-    "path is known)")
-GAP_PATH = (
-    "execs of paths on PATH are filtered in the kernel by path: a new libssl "
-    "copy such a program loads (LD_LIBRARY_PATH, a wheel's bundled libssl, "
-    "a container's own libssl under the same path) is found only if a "
-    "rescan catches the process running")
-GAP_REPLACED = (
-    "a PATH program replaced after the tracer started (a new inode, as a "
-    "package upgrade makes) is never looked at: its path is pre-registered "
-    "as seen and rescans look only at running processes")
-
-
-def gap(kind, reason):
-    return pytest.param(kind, marks=pytest.mark.xfail(
-        strict=True, raises=NotReported, reason=reason))
-
-
 @pytest.mark.parametrize("kind", [
     "static-openssl", "bundled-libssl", "go", "nss", "private-mount-ns",
-    gap("bundled-libssl-updated", GAP_UPDATED),
-    gap("bundled-libssl-loaded-late", GAP_LATE),
-    gap("path-program-new-libssl", GAP_PATH),
-    gap("private-mount-ns-curl", GAP_PATH),
-    gap("path-program-replaced", GAP_REPLACED),
+    # a new file where an old one was, found by its identity
+    "bundled-libssl-updated", "path-program-replaced",
+    # a new file mapped by a known program, found at its mmap
+    "bundled-libssl-loaded-late", "path-program-new-libssl",
+    "private-mount-ns-curl",
 ])
 def test_program_started_after_tracer(world, capsys, kind):
     """Run 1 may be missed, never reported wrong; from run 2 on (once the

@@ -1,6 +1,7 @@
 """Statistics accuracy and the command line's error handling."""
 
 import glob
+import json
 import math
 import os
 import random
@@ -175,3 +176,46 @@ def test_request_filters():
         assert s.request_matches(req, s.parse_args(argv)) is ok, argv
     assert not s.request_matches(req._replace(latency_ms=None),
                                  s.parse_args(["--min-lat-ms", "1"]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_json_lines_are_what_json_dumps_writes(seed):
+    """format_json writes its objects by hand: over generated requests
+    (control characters, quotes, non-ASCII, None, floats of every scale),
+    each line is byte for byte what json.dumps of the same object gives."""
+    rng = random.Random(seed)
+    clock = s.Clock()
+    alphabet = "\x00\t\n\x1b\"\\\x7f\x85\xe9\u2028\U0001F600aZ0/ "
+
+    def value(kind):
+        if rng.random() < 0.2:
+            return None
+        if kind is str:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+        if kind is int:
+            return rng.randrange(10 ** 12)
+        if kind is bool:
+            return rng.random() < 0.5
+        return rng.random() * 10 ** rng.randrange(-6, 7)
+
+    kinds = {name: (str if name in ("comm", "lib", "host", "endpoint",
+                                    "method", "path", "bucket", "key", "op",
+                                    "why", "request_id", "error_code")
+                    else bool if name in ("new_conn",)
+                    else int if name in ("status", "req_bytes", "resp_bytes",
+                                         "retrans")
+                    else float) for name in s.JSON_FIELDS[3:]}
+    for _ in range(2000):
+        fields = {name: value(kind) for name, kind in kinds.items()}
+        fields["complete"] = rng.random() < 0.5
+        fields["truncated"] = rng.random() < 0.5
+        request = s.Request(start_ns=rng.randrange(10 ** 15),
+                            pid=rng.randrange(1 << 22),
+                            tid=rng.randrange(1 << 22), **fields)
+        expected = {"ts": clock.iso_utc(request.start_ns)}
+        for name in s.JSON_FIELDS[1:]:
+            v = getattr(request, name)
+            expected[name] = round(v, 3) if name.endswith("_ms") and \
+                v is not None else v
+        assert s.format_json(request, clock) == json.dumps(
+            expected, ensure_ascii=True, separators=(",", ":"))
