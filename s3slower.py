@@ -175,11 +175,14 @@ def build_parser():
                            "newly started static binaries) every SECONDS; "
                            "0: never (default 10)")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction,
-                        default=False,
+                        default=None,
                         help="also trace plain-HTTP (unencrypted) "
-                             "connections, from syscall tracepoints: every "
-                             "read and write on the host then pays a map "
-                             "lookup (default: off; --port implies it)")
+                             "connections. Where the kernel has kprobes: in "
+                             "the TCP layer, on by default (--no-plain turns "
+                             "it off). Elsewhere: from syscall tracepoints, "
+                             "off by default, as every read and write on the "
+                             "host then pays a map lookup (--port implies "
+                             "it)")
     filters = parser.add_argument_group("filters")
     filters.add_argument("--port", type=port_number,
                          help="plain HTTP: only connections to this remote "
@@ -280,26 +283,32 @@ FAMILIES = OrderedDict([
 LibraryFile = namedtuple("LibraryFile", "family path static")
 
 
-# Where the kernel keeps a file's identity, for the exec and mmap filters:
-# (struct, member) pairs, read from the kernel's BTF at start.
-KERNEL_OFFSETS = (("task_struct", "mm"), ("task_struct", "files"),
-                  ("mm_struct", "exe_file"), ("files_struct", "fdt"),
-                  ("fdtable", "fd"), ("fdtable", "max_fds"),
-                  ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"),
-                  ("super_block", "s_dev"))
+# Kernel layouts read from its BTF at start: (struct, member names tried
+# in turn) -> byte offset, and (enum, name) -> value.
+FILE_OFFSETS = (("task_struct", "mm"), ("task_struct", "files"),
+                ("mm_struct", "exe_file"), ("files_struct", "fdt"),
+                ("fdtable", "fd"), ("fdtable", "max_fds"),
+                ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"),
+                ("super_block", "s_dev"))
+TCP_OFFSETS = (("msghdr", "msg_iter"), ("iov_iter", "iter_type"),
+               ("iov_iter", "iov_offset"), ("iov_iter", "count"),
+               ("iov_iter", "ubuf", "iov", "__iov"), ("iov_iter", "nr_segs"),
+               ("sock_common", "skc_dport"))
+TCP_ENUMS = (("iter_type", "ITER_UBUF"), ("iter_type", "ITER_IOVEC"))
 BTF_HEADER = struct.Struct("<HBBIIIII")
 BTF_TYPE = struct.Struct("<III")
-BTF_STRUCT, BTF_UNION, BTF_TYPEDEF = 4, 5, 8
+BTF_STRUCT, BTF_UNION, BTF_ENUM = 4, 5, 6
 BTF_MODIFIERS = (8, 9, 10, 11, 18)      # typedef, volatile, const, ...
 # Bytes after a type's header, by kind: fixed, and per vlen item.
 BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
              13: (0, 8), 14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
 
 
-def btf_offsets(wanted=KERNEL_OFFSETS, path="/sys/kernel/btf/vmlinux"):
-    """{(struct, member): byte offset} from a BTF file, looking into the
-    anonymous structs and unions a member may sit in; None without BTF or
-    when any is missing."""
+def btf_layout(members=FILE_OFFSETS + TCP_OFFSETS, enums=TCP_ENUMS,
+               path="/sys/kernel/btf/vmlinux"):
+    """{(struct, member): byte offset} and {(enum, name): value} from a BTF
+    file, looking into the anonymous structs and unions a member may sit
+    in; what is not found is left out. None without BTF."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -344,23 +353,34 @@ def btf_offsets(wanted=KERNEL_OFFSETS, path="/sys/kernel/btf/vmlinux"):
                     return m_offset // 8 + below
         return None
 
-    names = {}                  # string offset -> wanted struct name
-    for struct_name in {struct_name for struct_name, _ in wanted}:
-        at = data.find(b"\0%s\0" % struct_name.encode(), strings - 1)
+    wanted = {item[0] for item in members} | {item[0] for item in enums}
+    names = {}                  # string offset -> a wanted type's name
+    for type_name in wanted:
+        at = data.find(b"\0%s\0" % type_name.encode(), strings - 1)
         if at >= 0:
-            names[at + 1 - strings] = struct_name
-    structs = {}
-    for type_id, (kind, name_off, _, _, info) in enumerate(types[1:], 1):
-        if kind == BTF_STRUCT and name_off in names and info & 0xffff:
-            structs.setdefault(names[name_off], type_id)
-    found = {}
-    for struct_name, member in wanted:
-        offset = member_offset(structs[struct_name], member.encode()) \
-            if struct_name in structs else None
-        if offset is None:
-            return None
-        found[(struct_name, member)] = offset
-    return found
+            names[at + 1 - strings] = type_name
+    found_types = {}
+    for type_id, (kind, name_off, _, pos, info) in enumerate(types[1:], 1):
+        if kind in (BTF_STRUCT, BTF_ENUM) and name_off in names and \
+                info & 0xffff:
+            found_types.setdefault(names[name_off], (type_id, pos, info))
+    layout = {}
+    for struct_name, *alternatives in members:
+        if struct_name in found_types:
+            for member in alternatives:
+                offset = member_offset(found_types[struct_name][0],
+                                       member.encode())
+                if offset is not None:
+                    layout[(struct_name, alternatives[0])] = offset
+                    break
+    for enum_name, value_name in enums:
+        if enum_name in found_types:
+            _, pos, info = found_types[enum_name]
+            for i in range(info & 0xffff):
+                v_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
+                if name(v_name) == value_name.encode():
+                    layout[(enum_name, value_name)] = value
+    return layout
 
 
 def kernel_dev(st_dev):
@@ -942,6 +962,15 @@ static long (*read_kernel)(void *dst, u32 size, const void *src) =
 static long (*read_kernel_str)(void *dst, u32 size, const void *src) =
     (void *)BPF_FUNC_probe_read_kernel_str;
 
+/* One struct iovec {base, len}: user memory for syscalls, the kernel's
+ * copy for a msghdr seen inside the kernel. */
+static __always_inline long read_iovec(u64 seg[2], u64 addr, u32 in_kernel)
+{
+    if (in_kernel)
+        return read_kernel(seg, 2 * sizeof(u64), (void *)addr);
+    return read_user(seg, 2 * sizeof(u64), (void *)addr);
+}
+
 #define REQ_CAP __REQ_CAP__
 #define RESP_CAP __RESP_CAP__
 #define WIN __WIN__
@@ -950,7 +979,10 @@ static long (*read_kernel_str)(void *dst, u32 size, const void *src) =
 #define SKIP_WORDS __SKIP_WORDS__
 #define MAX_RUNS __MAX_RUNS__
 #define WAKE_EVERY __WAKE_EVERY__
-#define PLAIN_HTTP __PLAIN_HTTP__
+#define PLAIN_HTTP __PLAIN_HTTP__      /* from syscall tracepoints */
+#define TCP_PROBES __TCP_PROBES__      /* from kprobes in the TCP layer */
+#define FILTER_PORT __FILTER_PORT__
+#define RECV_FLAGS(ctx) __RECV_FLAGS__
 
 enum { REC_REQUEST = 1, REC_EXIT = 2, REC_EXEC = 3, REC_MAP = 4 };
 enum { RF_COMPLETE = 1, RF_HEAD_METHOD = 2, RF_CLOSE_DELIMITED = 4,
@@ -1075,7 +1107,7 @@ struct work {
     u8 is_read;
     u8 captured;        /* this segment was copied into the record */
     u8 eof;
-    u8 pad;
+    u8 iov_in_kernel;   /* the iovec array is the kernel's copy (kprobes) */
     char win[WIN + 8];
 };
 
@@ -1090,6 +1122,9 @@ struct call_args {
     u32 lib;
     u32 adopt;          /* plain socket first seen at this write */
     u64 sk;             /* TCP socket the call sent on */
+    u32 iov_in_kernel;  /* iov is the kernel's copy of the array */
+    u32 not_user;       /* tcp_sendmsg of pages (sendfile, splice): only
+                         * the count is known */
 };
 
 /* LRU everywhere: a thread killed inside SSL_read, a connection never
@@ -1556,7 +1591,7 @@ static __always_inline int next_segment(struct work *w)
     if (!w->iov_left || !w->rest)
         return 0;
     u64 seg[2] = {};
-    if (read_user(seg, sizeof(seg), (void *)w->iov) != 0)
+    if (read_iovec(seg, w->iov, w->iov_in_kernel) != 0)
         return 0;
     w->iov += sizeof(seg);
     w->iov_left--;
@@ -1673,6 +1708,11 @@ int parse_tracepoint(void *ctx)
 static __always_inline u64 bind_socket(struct call_args *a)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (a->lib == LIB_PLAIN && a->sk) {
+        struct tcp_conn fresh = {};     /* seen in the TCP layer itself */
+        tcp_conns.insert(&a->sk, &fresh);
+        return a->sk;
+    }
 #if HAVE_SEND_LENGTH
     if (!a->sk) {
         /* Go's Write is seen at its entry: the send comes later. */
@@ -1723,11 +1763,11 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
             /* A connection that does not open with an HTTP request is not
              * HTTP/1.x (HTTP/2, another protocol): ignored from now on. */
             char head[4] = {};
-            u64 first = a->buf;
+            u64 first[2] = {a->buf, n};
             if (a->iov)
-                read_user(&first, sizeof(first), (void *)a->iov);
-            if (n >= 4)
-                read_user(head, sizeof(head), (void *)first);
+                read_iovec(first, a->iov, a->iov_in_kernel);
+            if (n >= 4 && first[1] >= 4)
+                read_user(head, sizeof(head), (void *)first[0]);
             struct conn_state fresh = {};
             fresh.ignored = !is_request_start(head);
             fresh.adopted = a->adopt;
@@ -1764,12 +1804,13 @@ static __always_inline struct work *begin_io(struct call_args *a, u64 n,
     if (a->iov) {
         /* The call moved n bytes over its iovecs: walk them up to n. */
         u64 seg[2] = {};
-        read_user(seg, sizeof(seg), (void *)a->iov);
+        read_iovec(seg, a->iov, a->iov_in_kernel);
         w->buf = seg[0];
         w->len = seg[1] < n ? seg[1] : n;
         w->rest = n - w->len;
         w->iov = a->iov + sizeof(seg);
         w->iov_left = a->iovcnt > 1 ? a->iovcnt - 1 : 0;
+        w->iov_in_kernel = a->iov_in_kernel;
     } else {
         w->buf = a->buf;
         w->len = n;
@@ -1921,9 +1962,13 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
  * the kernel keeps them comes from its BTF, through kernel_offsets, which
  * user space fills once the program is loaded. */
 struct kernel_offsets {
-    u32 ready;
+    u32 ready;          /* the file offsets below are known */
     u32 task_mm, task_files, mm_exe_file, files_fdt, fdt_fd, fdt_max_fds,
         file_inode, inode_ino, inode_sb, sb_dev;
+    u32 tcp_ready;      /* the TCP-layer ones are (plain HTTP, kprobes) */
+    u32 msg_iter, iter_type, iter_offset, iter_count, iter_ptr, iter_segs,
+        sk_dport;
+    u32 iter_ubuf, iter_iovec;  /* enum iter_type values */
 };
 BPF_ARRAY(kernel_offsets, struct kernel_offsets, 1);
 
@@ -2221,6 +2266,28 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 }
 #endif
 
+/* n bytes the kernel sent from elsewhere (a file, a pipe) after the
+ * request head: they are body, they count, and they end a body of known
+ * length. */
+static __always_inline void add_body(struct conn_key *k, struct conn_state *s,
+                                     u64 n, u64 start)
+{
+    if (!s || s->ignored || s->answered >= s->sent)
+        return;
+    struct parser *p = &s->req;
+    p->body += n;
+    if (p->phase == P_SKIP) {
+        p->left = p->left > n ? p->left - n : 0;
+        if (!p->left)
+            p->phase = P_IDLE;
+    }
+    struct record *r = find_record(k, s->sent);
+    if (r) {
+        r->req_bytes = p->body;
+        r->req_end = start;
+    }
+}
+
 static __always_inline int file_send_enter(u32 out_fd)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -2261,22 +2328,7 @@ static __always_inline int file_send_exit(long ret)
         k.lib = LIB_OPENSSL;
         s = conns.lookup(&k);
     }
-    if (!s || s->ignored || s->answered >= s->sent)
-        return 0;
-    /* The bytes are body: they count, and end a body of known length. */
-    struct parser *p = &s->req;
-    u64 n = ret;
-    p->body += n;
-    if (p->phase == P_SKIP) {
-        p->left = p->left > n ? p->left - n : 0;
-        if (!p->left)
-            p->phase = P_IDLE;
-    }
-    struct record *r = find_record(&k, s->sent);
-    if (r) {
-        r->req_bytes = p->body;
-        r->req_end = start;
-    }
+    add_body(&k, s, ret, start);
     return 0;
 }
 
@@ -2284,6 +2336,156 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return file_send_enter(args->
 TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return file_send_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_splice) { return file_send_enter(args->fd_out); }
 TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return file_send_exit(args->ret); }
+
+/* Kernel TLS, where the kernel has kprobes: every send on a kTLS socket
+ * reaches tls_sw_sendmsg (or, before Linux 6.5, tls_sw_sendpage for
+ * sendfile and splice) with the plaintext, whoever sends: write(2), a
+ * sendfile the syscall probes did not claim, io_uring SEND, WRITE and
+ * SPLICE (run by a kernel worker, with no syscall to see). The socket is
+ * tied to its TLS connection at the library's own first send through it
+ * (SSL_write of the request head); what is sent outside the library
+ * after that is the request's body. */
+BPF_TABLE("lru_hash", u64, struct conn_key, ktls_sockets, __MAX_CONNS__);
+struct ktls_send {
+    u64 sk;
+    u64 start;
+};
+BPF_TABLE("lru_hash", u32, struct ktls_send, ktls_sends, 16384);
+
+int ktls_send_enter(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u64 sk = PT_REGS_PARM1(ctx);
+    struct call_args *a = calls.lookup(&tid);
+    if (a) {
+        struct conn_key k = {.handle = a->handle, .tgid = id >> 32,
+                             .lib = a->lib};
+        ktls_sockets.update(&sk, &k);
+        return 0;               /* the library's own send: counted there */
+    }
+    if (file_sends.lookup(&tid) || !ktls_sockets.lookup(&sk))
+        return 0;               /* a sendfile the syscall probes count */
+    struct ktls_send send = {.sk = sk, .start = bpf_ktime_get_ns()};
+    ktls_sends.update(&tid, &send);
+    return 0;
+}
+
+int ktls_send_return(struct pt_regs *ctx)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct ktls_send *send = ktls_sends.lookup(&tid);
+    if (!send)
+        return 0;
+    u64 sk = send->sk, start = send->start;
+    ktls_sends.delete(&tid);
+    int ret = PT_REGS_RC(ctx);
+    struct conn_key *k = ktls_sockets.lookup(&sk);
+    if (ret <= 0 || !k)
+        return 0;
+    struct conn_key key = *k;
+    add_body(&key, conns.lookup(&key), ret, start);
+    return 0;
+}
+
+#if TCP_PROBES
+/* Plain HTTP in the TCP layer, where the kernel has kprobes: tcp_sendmsg
+ * and tcp_recvmsg see every TCP socket's bytes (connected before us or
+ * not), and nothing else on the host pays. The connection key is
+ * (tgid, socket). A socket whose first bytes are not an HTTP request (TLS,
+ * a database protocol) is marked ignored at once: from then on its sends
+ * and receives cost one lookup. */
+BPF_TABLE("lru_hash", u32, struct call_args, tcp_calls, 16384);
+
+static __always_inline int tcp_enter(struct pt_regs *ctx, int is_read)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    u64 sk = PT_REGS_PARM1(ctx), msg = PT_REGS_PARM2(ctx);
+    struct conn_key k = {.handle = sk, .tgid = tgid, .lib = LIB_PLAIN};
+    struct conn_state *s = conns.lookup(&k);
+    if (s ? s->ignored || (is_read && s->answered >= s->sent) : is_read)
+        return 0;
+    /* Inside a TLS library call the bytes are ciphertext (or kTLS's). */
+    if (calls.lookup(&tid) || !pass_filters(tgid))
+        return 0;
+    if (is_read && (RECV_FLAGS(ctx) & 2))
+        return 0;               /* MSG_PEEK: read again later */
+    u32 zero = 0;
+    struct kernel_offsets *o = kernel_offsets.lookup(&zero);
+    if (!o || !o->tcp_ready)
+        return 0;
+#if HAVE_PORT_FILTER
+    u16 dport = 0;
+    read_kernel(&dport, sizeof(dport), (void *)(sk + o->sk_dport));
+    if (((dport >> 8) | ((dport & 0xff) << 8)) != FILTER_PORT)
+        return 0;
+#endif
+    u64 iter = msg + o->msg_iter;
+    u8 type = 0;
+    read_kernel(&type, sizeof(type), (void *)(iter + o->iter_type));
+    u64 ptr = kernel_word(iter + o->iter_ptr);
+    u64 offset = kernel_word(iter + o->iter_offset);
+    struct call_args a = {.handle = sk, .start = bpf_ktime_get_ns(),
+                          .lib = LIB_PLAIN, .sk = sk, .adopt = 1};
+    if (type == o->iter_ubuf) {
+        a.buf = ptr + offset;
+    } else if (type == o->iter_iovec && offset == 0) {
+        a.iov = ptr;
+        a.iovcnt = kernel_word(iter + o->iter_segs);
+        a.iov_in_kernel = 1;
+    } else if (!is_read && s) {
+        a.not_user = 1;         /* pages: sendfile, splice */
+    } else {
+        return 0;
+    }
+    tcp_calls.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int tcp_return(struct pt_regs *ctx, int is_read)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct call_args *ap = tcp_calls.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct call_args a = *ap;
+    tcp_calls.delete(&tid);
+    int ret = PT_REGS_RC(ctx);
+    if (a.not_user) {
+        struct conn_key k = {.handle = a.handle, .tgid = id >> 32,
+                             .lib = LIB_PLAIN};
+        if (ret > 0)
+            add_body(&k, conns.lookup(&k), ret, a.start);
+        return 0;
+    }
+    if (begin_io(&a, ret > 0 ? (u64)ret : 0, is_read, ret == 0))
+        uprobe_parser.call(ctx, 0);
+    return 0;
+}
+
+int tcp_send_enter(struct pt_regs *ctx) { return tcp_enter(ctx, 0); }
+int tcp_send_return(struct pt_regs *ctx) { return tcp_return(ctx, 0); }
+int tcp_recv_enter(struct pt_regs *ctx) { return tcp_enter(ctx, 1); }
+int tcp_recv_return(struct pt_regs *ctx) { return tcp_return(ctx, 1); }
+
+/* Before Linux 6.5 sendfile and splice reach TCP here, not tcp_sendmsg. */
+int tcp_sendpage_enter(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u64 sk = PT_REGS_PARM1(ctx);
+    struct conn_key k = {.handle = sk, .tgid = id >> 32, .lib = LIB_PLAIN};
+    struct conn_state *s = conns.lookup(&k);
+    if (!s || s->ignored || calls.lookup(&tid))
+        return 0;
+    struct call_args a = {.handle = sk, .start = bpf_ktime_get_ns(),
+                          .lib = LIB_PLAIN, .sk = sk, .not_user = 1};
+    tcp_calls.update(&tid, &a);
+    return 0;
+}
+#endif
 
 #if HAVE_SEND_LENGTH
 /* A send on a TCP socket, in the sending thread: the TLS or syscall call
@@ -2423,8 +2625,9 @@ def tracepoint_field(category, event, field):
 
 
 def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
-                plain=True, port=None):
-    """The C text with filters and sizes compiled in."""
+                plain="syscalls", port=None):
+    """The C text with filters and sizes compiled in. plain: how plain HTTP
+    is followed, "tcp" (kprobes), "syscalls" (tracepoints) or None."""
     port_filter = ""
     if port:
         port_filter = ("if (remote != %d) { tcp_fds.delete(&fk); return 0; }"
@@ -2454,7 +2657,13 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
                         ("__MAX_RUNS__", MAX_RUNS),
                         ("__MAX_INFLIGHT__", MAX_INFLIGHT),
                         ("__WAKE_EVERY__", WAKE_EVERY),
-                        ("__PLAIN_HTTP__", int(plain)),
+                        ("__PLAIN_HTTP__", int(plain == "syscalls")),
+                        ("__TCP_PROBES__", int(plain == "tcp")),
+                        ("__FILTER_PORT__", port or 0),
+                        # tcp_recvmsg lost its nonblock argument in 5.19
+                        ("__RECV_FLAGS__", "PT_REGS_PARM4(ctx)"
+                         if kernel_version() >= (5, 19)
+                         else "PT_REGS_PARM5(ctx)"),
                         ("__PORT_FILTER__", port_filter),
                         ("__MAX_CONNS__", max_conns),
                         ("__RINGBUF_PAGES__", ringbuf_pages),
@@ -2798,8 +3007,10 @@ def slow_part(connect, tls, server, transfer, retrans):
 NS_PER_MS = 1e6
 
 
-def build_request(rec, endpoints=()):
-    """The Request for one kernel record: its heads parsed, its times."""
+def build_request(rec, endpoints=(), ids=True):
+    """The Request for one kernel record: its heads parsed, its times.
+    Without ids, the response head is not read: request_id and error_code
+    stay None (only JSON lines print them)."""
     (req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes, _handle,
      tgid, tid, seq, req_head, resp_head, status, _req_cap, _resp_cap, _type,
      lib, flags, comm, connect_start, connect_end, retrans_start, retrans_end,
@@ -2814,7 +3025,7 @@ def build_request(rec, endpoints=()):
         target = s3_target(host, req.target, endpoints)
         endpoint, bucket, key, _query = target
         op = s3_operation(method, target, req.headers)
-    resp = response_headers(resp_data) if resp_start else None
+    resp = response_headers(resp_data) if resp_start and ids else None
     if not 100 <= status <= 999:
         status = None
     request_id = error_code = None
@@ -3360,6 +3571,30 @@ def ensure_tracefs():
         pass
 
 
+def kernel_version():
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def have_kprobes():
+    return any(os.path.exists(path) for path in (
+        "/sys/bus/event_source/devices/kprobe",
+        "/sys/kernel/tracing/kprobe_events",
+        "/sys/kernel/debug/tracing/kprobe_events"))
+
+
+def plain_method(args):
+    """How plain HTTP is followed: "tcp" where the kernel has kprobes (on
+    unless --no-plain: only TCP sends and receives pay), "syscalls" with
+    --plain or --port where it has not (every read and write on the host
+    pays), else None."""
+    if args.plain is False:
+        return None
+    if have_kprobes():
+        return "tcp"
+    return "syscalls" if args.plain or args.port else None
+
+
 def check_kernel_headers():
     release = os.uname().release
     build = "/lib/modules/%s/build" % release
@@ -3521,7 +3756,7 @@ def compile_program(bcc, args):
     try:
         bpf = bcc.BPF(text=bpf_program(
             args.pid, args.comm, ringbuf_pages=args.ringbuf_pages,
-            plain=bool(args.plain or args.port), port=args.port))
+            plain=plain_method(args), port=args.port))
     except Exception as exc:
         raise Fatal("the BPF program did not compile or load (%s); "
                     "are the kernel headers right? run ./install.sh" %
@@ -3537,7 +3772,7 @@ def compile_program(bcc, args):
         (name, kind, table) for name, kind, table in (
             ("parse_uprobe", bcc.BPF.KPROBE, "uprobe_parser"),
             ("parse_tracepoint", bcc.BPF.TRACEPOINT, "tracepoint_parser"))
-        if table == "uprobe_parser" or args.plain or args.port])
+        if table == "uprobe_parser" or plain_method(args) == "syscalls"])
     load_program(bcc, bpf, [
         ("%s_%s" % (family, suffix), bcc.BPF.KPROBE, None)
         for family in selected_families(args)
@@ -3604,11 +3839,12 @@ class Tracer:
         self.bcc = bcc
         self.bpf = None
         self.error = None
-        self.plain = bool(args.plain or args.port)
+        self.plain = plain_method(args)
         self.second_looks = deque()     # (when, pid) after an exec
         self.seen_pids = set(all_pids())
         self.rescans = 0
-        self.records = 0
+        self.records = 0        # of requests and exits
+        self.new_files = 0      # reported at their exec or mmap
         self.reported = 0
         self.incomplete = 0
         # Our own metrics endpoint, scraped over plain HTTP: not traffic.
@@ -3618,34 +3854,103 @@ class Tracer:
                               (args.prometheus_addr, "127.0.0.1", "localhost",
                                "[::1]", "0.0.0.0")}
 
-    def load(self, libraries, compiled, offsets):
+    def load(self, libraries, compiled, layout):
         self.bpf, parsers = compiled
         attached = attach_probes(self.bpf, libraries)
         parsers()
         if not attached:
             raise Fatal("no TLS library entry point could be attached")
-        if self.plain:
+        to_port = " to port %d" % self.args.port if self.args.port else ""
+        if self.plain == "tcp":
+            self.attach_tcp_probes(to_port)
+        elif self.plain == "syscalls":
             progress("  plain HTTP: syscall tracepoints, TCP sockets created "
                      "from now on%s; every read/write syscall on the host "
-                     "pays a map lookup" % (" to port %d" % self.args.port
-                                            if self.args.port else ""))
+                     "pays a map lookup (no kprobes here)" % to_port)
         else:
-            progress("  plain HTTP: off (--plain traces it)")
+            progress("  plain HTTP: off (%s traces it)" % (
+                "--plain" if not have_kprobes() else "without --no-plain,"
+                " kprobes in the TCP layer"))
+        self.attach_kernel_tls()
         for family, count in attached.items():
             self.attached[family] += count
         self.inflight = self.bpf["inflight"]
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
-        self.arm_file_filter(offsets)
+        self.arm_file_filter(layout)
         self.bpf["records"].open_ring_buffer(self.on_record)
         return attached
 
-    def arm_file_filter(self, offsets):
-        """Where the kernel keeps a file's identity (from its BTF), and the
-        files already looked at: their execs and mappings need not reach
-        user space. Without BTF, programs started later are found by
+    def attach_tcp_probes(self, to_port):
+        """Plain HTTP in the TCP layer: kprobes on tcp_sendmsg and
+        tcp_recvmsg (and tcp_sendpage before Linux 6.5). Returns first, so
+        no call is seen starting without its end."""
+        probed = []
+        for function, enter, leave in (
+                ("tcp_recvmsg", "tcp_recv_enter", "tcp_recv_return"),
+                ("tcp_sendmsg", "tcp_send_enter", "tcp_send_return"),
+                ("tcp_sendpage", "tcp_sendpage_enter", "tcp_send_return")):
+            try:
+                self.bpf.attach_kretprobe(event=function, fn_name=leave)
+                self.bpf.attach_kprobe(event=function, fn_name=enter)
+                probed.append(function)
+            except Exception:
+                continue
+        if "tcp_sendmsg" not in probed or "tcp_recvmsg" not in probed:
+            raise Fatal("plain HTTP: cannot attach kprobes to tcp_sendmsg "
+                        "and tcp_recvmsg; --no-plain leaves plain HTTP out")
+        progress("  plain HTTP: kprobes on %s, every TCP connection%s; "
+                 "other syscalls pay nothing" % (", ".join(probed), to_port))
+
+    def attach_kernel_tls(self):
+        """kprobes on the kernel's TLS send paths, where the kernel has
+        kprobes. The tls module is loaded first if it is not (a program's
+        first kTLS socket would load it, too late for the probes to see
+        that program's first upload)."""
+        if not have_kprobes():
+            progress("  kernel TLS: bodies sent by sendfile/splice counted "
+                     "(no kprobes here for write(2) or io_uring sends)")
+            return
+        if not os.path.exists("/sys/module/tls"):
+            try:
+                subprocess.run(["modprobe", "-q", "tls"], timeout=10,
+                               capture_output=True)
+            except (OSError, subprocess.SubprocessError):
+                pass
+        probed = []
+        for function in ("tls_sw_sendmsg", "tls_sw_sendpage"):
+            # The return first: no send is seen starting without its end.
+            try:
+                self.bpf.attach_kretprobe(event=function,
+                                          fn_name="ktls_send_return")
+                self.bpf.attach_kprobe(event=function,
+                                       fn_name="ktls_send_enter")
+                probed.append(function)
+            except Exception:
+                continue
+        progress("  kernel TLS: %s" % (
+            "every send past the library counted (kprobes on %s)" %
+            ", ".join(probed) if probed else
+            "bodies sent by sendfile/splice counted (no tls module)"))
+
+    def arm_file_filter(self, layout):
+        """Where the kernel keeps what its probes read (from its BTF), and
+        the files already looked at: their execs and mappings need not
+        reach user space. Without BTF, programs started later are found by
         rescans only."""
-        if offsets is None:
+        layout = layout or {}
+        files = all(key in layout for key in FILE_OFFSETS)
+        tcp = all((item[0], item[1]) in layout for item in TCP_OFFSETS) and \
+            all(key in layout for key in TCP_ENUMS)
+        if self.plain == "tcp" and not tcp:
+            raise Fatal("plain HTTP in the TCP layer needs the kernel's BTF "
+                        "(/sys/kernel/btf/vmlinux); --no-plain leaves it out")
+        table = self.bpf["kernel_offsets"]
+        table[ctypes.c_int(0)] = table.Leaf(
+            files, *(layout.get(key, 0) for key in FILE_OFFSETS), tcp,
+            *(layout.get((item[0], item[1]), 0) for item in TCP_OFFSETS),
+            *(layout.get(key, 0) for key in TCP_ENUMS))
+        if not files:
             progress("  programs started later: found by rescans only (no "
                      "kernel BTF at /sys/kernel/btf/vmlinux)")
             return
@@ -3653,18 +3958,18 @@ class Tracer:
         one = table.Leaf(1)
         for dev, ino in self.looked_at:
             table[table.Key(ino, dev)] = one
-        table = self.bpf["kernel_offsets"]
-        table[ctypes.c_int(0)] = table.Leaf(1, *(offsets[name] for name in
-                                                 KERNEL_OFFSETS))
         progress("  programs started later: found at their exec and when they "
                  "map a new file executable")
 
     def on_record(self, ctx, data, size):
         # ctypes would print and swallow an exception raised here: keep it
         # for run() to re-raise once the poll returns.
-        self.records += 1
         try:
             rec = decode_record(ctypes.string_at(data, size))
+            if rec.type in (REC_EXEC, REC_MAP):
+                self.new_files += 1
+            else:
+                self.records += 1
             if rec.type == REC_EXIT:
                 self.sweep(rec.tgid)
             elif rec.type == REC_EXEC:
@@ -3674,7 +3979,8 @@ class Tracer:
             elif rec.type == REC_MAP:
                 self.look_at(rec.tgid, (rec.req_start, "mmap"))
             else:
-                self.report(build_request(rec, self.args.endpoint))
+                self.report(build_request(rec, self.args.endpoint,
+                                          ids=self.json))
         except BaseException as exc:
             self.error = self.error or exc
             self.stop = True
@@ -3833,9 +4139,10 @@ class Tracer:
         if print_stats and not self.args.no_stats:
             self.print_tables(self.stats, "since start" if self.args.interval
                               else None)
-        log("%d requests reported from %d kernel events; %d lost events, "
-            "%d incomplete requests" % (self.reported, self.records,
-                                        self.lost_reported, self.incomplete))
+        log("%d requests reported from %d kernel records (and %d new files "
+            "seen at exec or mmap); %d lost events, %d incomplete requests"
+            % (self.reported, self.records, self.new_files,
+               self.lost_reported, self.incomplete))
         if self.lost_reported:
             log("requests whose events were lost were reported incomplete "
                 "or not at all")
@@ -3887,7 +4194,7 @@ def main(argv=None):
         libraries, scanned = discover_libraries(
             selected_families(args), forced_libraries(args), args.pid, known,
             () if args.pid else programs(), looked_at=looked_at)
-        offsets = btf_offsets()
+        layout = btf_layout()
         SCAN_CACHE.save()
         progress("  looked inside %d files (running, on PATH, under %s) for "
                  "built-in OpenSSL and Go crypto/tls in %.2f s%s" % (
@@ -3909,7 +4216,7 @@ def main(argv=None):
                 raise Fatal("cannot serve metrics on %s:%d: %s" % (
                     args.prometheus_addr, args.prometheus_port,
                     exc.strerror or exc))
-        attached = tracer.load(libraries, compiled(), offsets)
+        attached = tracer.load(libraries, compiled(), layout)
         SCAN_CACHE.save()
         if tracer.prometheus:
             for family, count in attached.items():

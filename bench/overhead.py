@@ -12,6 +12,9 @@ Loads against the distribution's nginx on 127.0.0.1 (TLS, keep-alive):
   py-small     Python http.client, N keep-alive GETs (the SSL_*_ex path)
   curl-1m      one curl, N/20 keep-alive GETs of 1 MiB
   curl-conn    one curl, N/10 GETs each on a new TLS connection
+  py-4x8       4 Python processes x 8 keep-alive connections each, N GETs
+               as fast as they go: the rate with no lost events is the
+               highest loss-free rate this load generator reaches
 Prints medians over the rounds: requests/s, µs added per request over no
 tracer, that as a ratio to the floor's, the tracer's CPU per request, lost
 events, and time from launch to "Tracing".
@@ -47,6 +50,27 @@ for _ in range(n):
     c.request("GET", "/small")
     c.getresponse().read()
 """
+# As fast as this machine's load generator goes: PROCS processes, each
+# taking CONNS keep-alive connections in turn (N requests in all).
+PY_MANY = r"""
+import http.client, os, ssl, sys
+port, n, procs, conns = (int(a) for a in sys.argv[1:5])
+ctx = ssl._create_unverified_context()
+children = []
+for p in range(procs):
+    pid = os.fork()
+    if pid == 0:
+        cs = [http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
+              for _ in range(conns)]
+        for i in range(n // procs):
+            c = cs[i % conns]
+            c.request("GET", "/small")
+            c.getresponse().read()
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
 
 
 def conditions():
@@ -72,6 +96,8 @@ def loads(server, n):
         ("curl-conn", n // 10, ["curl", "-sk", "-o", "/dev/null", "-H",
                                 "Connection: close",
                                 url + "/small?[1-%d]" % (n // 10)]),
+        ("py-4x8", n // 4 * 4, [PYTHON, "-c", PY_MANY, str(server.port),
+                                str(n // 4 * 4), "4", "8"]),
     ]
 
 

@@ -568,6 +568,6 @@ def test_large_get_costs_few_user_space_events(s3_server):
     finally:
         t.stop()
     assert r["resp_bytes"] == big and r["complete"]
-    summary = [l for l in t.stderr().splitlines() if "kernel events" in l][0]
+    summary = [l for l in t.stderr().splitlines() if "kernel records" in l][0]
     events = int(summary.split(" from ")[1].split()[0])
     assert events <= 12, summary     # curl reads 16 KiB at a time: 4096 reads

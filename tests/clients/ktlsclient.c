@@ -10,6 +10,8 @@
  *       sslsendfile  SSL_sendfile() (OpenSSL calls sendfile(2) itself)
  *       sendfile     sendfile(2) on the socket's fd, by this program
  *       splice       io_uring IORING_OP_SPLICE, file -> pipe -> socket
+ *       syswrite     write(2) on the socket's fd, by this program
+ *       uringsend    io_uring IORING_OP_SEND from this program's buffer
  *       write        SSL_write (kTLS still sends it; for comparison)
  *     (a 0-byte body calls none of them)
  *   GET:PATH             a GET, the response read with SSL_read (with kTLS
@@ -157,6 +159,60 @@ static long body_splice(int sock, int file, long size)
     return sent;
 }
 
+/* The body in 64 KiB pieces, each sent on the socket by send_piece. */
+static long body_pieces(int sock, int file, long size,
+                        long (*send_piece)(int, const char *, long, void *),
+                        void *arg)
+{
+    static char buf[1 << 16];
+    long sent = 0;
+    while (sent < size) {
+        ssize_t n = pread(file, buf, sizeof buf, sent);
+        if (n <= 0)
+            die(2, "read body file");
+        for (long off = 0; off < n;)
+            off += send_piece(sock, buf + off, n - off, arg);
+        sent += n;
+    }
+    return sent;
+}
+
+static long piece_write(int sock, const char *buf, long len, void *arg)
+{
+    (void)arg;
+    ssize_t n = write(sock, buf, len);
+    if (n <= 0)
+        die(2, "write");
+    return n;
+}
+
+static long piece_uring_send(int sock, const char *buf, long len, void *arg)
+{
+    struct io_uring *ring = arg;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    struct io_uring_cqe *cqe;
+    io_uring_prep_send(sqe, sock, buf, len, 0);
+    io_uring_submit(ring);
+    if (io_uring_wait_cqe(ring, &cqe) < 0 || cqe->res <= 0)
+        die(2, "io_uring send");
+    int n = cqe->res;
+    io_uring_cqe_seen(ring, cqe);
+    return n;
+}
+
+static long body_uring_send(int sock, int file, long size)
+{
+    struct io_uring ring;
+    int r = io_uring_queue_init(4, &ring, 0);
+    if (r < 0) {
+        errno = -r;
+        die(2, "io_uring_queue_init");
+    }
+    long sent = body_pieces(sock, file, size, piece_uring_send, &ring);
+    io_uring_queue_exit(&ring);
+    return sent;
+}
+
 static long body_write(SSL *ssl, int file, long size)
 {
     static char buf[1 << 16];
@@ -267,7 +323,8 @@ int main(int argc, char **argv)
                 die(2, file);
             size = st.st_size;
             if (strcmp(mode, "write") && strcmp(mode, "sslsendfile") &&
-                strcmp(mode, "sendfile") && strcmp(mode, "splice"))
+                strcmp(mode, "sendfile") && strcmp(mode, "splice") &&
+                strcmp(mode, "syswrite") && strcmp(mode, "uringsend"))
                 die(2, "unknown body mode");
             if (!ktls_send && strcmp(mode, "write")) {
                 fprintf(stderr, "ktlsclient: no kernel TLS send on this connection "
@@ -305,6 +362,10 @@ int main(int argc, char **argv)
                 sent = body_sendfile(sock, body_fd, size);
             else if (!strcmp(mode, "splice"))
                 sent = body_splice(sock, body_fd, size);
+            else if (!strcmp(mode, "syswrite"))
+                sent = body_pieces(sock, body_fd, size, piece_write, NULL);
+            else if (!strcmp(mode, "uringsend"))
+                sent = body_uring_send(sock, body_fd, size);
             else
                 sent = body_write(ssl, body_fd, size);
         }

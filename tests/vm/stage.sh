@@ -45,7 +45,7 @@ if [ -n "${S3SLOWER_VM_TOOL:-}" ]; then
     [ -f "$tool" ] || { echo "VM stage: FAILED: no S3SLOWER_VM_TOOL file $S3SLOWER_VM_TOOL"; exit 1; }
     swap="cp $(printf %q "$tool") s3slower.py && echo \"guest: testing $tool\""
 fi
-tests=${S3SLOWER_VM_TESTS:-"tests/vm tests/test_e2e.py::test_curl_keepalive_requests_each_reported_once tests/test_plain.py::test_ktls_sendfile_upload_reported_once"}
+tests=${S3SLOWER_VM_TESTS:-"tests/vm tests/test_e2e.py::test_curl_keepalive_requests_each_reported_once tests/test_plain.py::test_ktls_sendfile_upload_reported_once tests/test_plain.py::test_plain_http_curl_and_python tests/test_plain.py::test_sendfile_body_counted"}
 log=$(mktemp /tmp/s3slower-vm-stage.XXXXXX)
 trap 'rm -f "$log"' EXIT
 echo "VM stage: booting a stock kernel under qemu; in the guest: pytest $tests"
@@ -53,6 +53,8 @@ start=$(date +%s.%N)
 KVM_TIMEOUT=${S3SLOWER_VM_TIMEOUT:-1200} bash tests/vm/kvm-run.sh "
 echo \"guest: kernel \$(uname -r), up after \$(cut -d' ' -f1 /proc/uptime) s\"
 $swap
+# What a syscall costs before any tracer runs (tests/vm/test_plain_tcp.py).
+export S3SLOWER_VM_DD_NS=\$(/usr/bin/python3 -c 'import sys; sys.path.insert(0, \"bench\"); from tax import dd_ns_per_syscall as d; print(min(d(200000) for _ in range(3)))')
 S3SLOWER_VM_GUEST=1 S3SLOWER_REQUIRE_BPF=1 \
 S3SLOWER_TRACER_START_TIMEOUT=${S3SLOWER_TRACER_START_TIMEOUT:-420} \
 /usr/bin/python3 -m pytest -v -ra -p no:cacheprovider --durations=5 $tests

@@ -6,8 +6,9 @@ does not collect this directory.
 
 tests/clients/ktlsclient.c makes HTTPS requests with kernel TLS on: the head
 goes through SSL_write, and a PUT body goes past OpenSSL to the kTLS socket by
-SSL_sendfile(), by sendfile(2) on the socket's fd, or by io_uring
-IORING_OP_SPLICE (file -> pipe -> socket); a GET over TLS 1.2 has kTLS receive
+SSL_sendfile(), by sendfile(2) on the socket's fd, by io_uring
+IORING_OP_SPLICE (file -> pipe -> socket), by write(2) on the socket's fd
+or by io_uring IORING_OP_SEND; a GET over TLS 1.2 has kTLS receive
 on, so SSL_read is a recvmsg(2) underneath. tests/clients/ktlsserver.c (plain
 OpenSSL, no kTLS) logs the exact bytes it got. The client times each request
 on CLOCK_MONOTONIC and knows nothing of the tracer.
@@ -126,7 +127,7 @@ def ktls(tracer, pytestconfig):
     rig = KtlsRig()
     # Warm-up, not checked: under emulation the first pass through new code
     # (the BPF programs, kTLS, io_uring) pays for its translation.
-    for mode in ("sslsendfile", "sendfile", "splice"):
+    for mode in BODY_MODES:
         rig.run("tls1.3", "PUT:%s:/%s/warm-up-%s:%s"
                 % (mode, BUCKET, mode, rig.bodies[KiB]))
     rig.run("tls1.2", "GET:/%s/get-%d-warm-up" % (BUCKET, KiB))
@@ -244,20 +245,17 @@ def ktls_receive_on(report, before, after):
         "/proc/net/tls_stat counted no kTLS receive: %s -> %s" % (before, after)
 
 
-# io_uring runs the splice in a kernel worker, with no splice(2) call for
-# the tracer to see: the body is not counted yet (issue #17, open). Strict:
-# when it is counted these pass, and the mark must go.
-URING_GAP = pytest.mark.xfail(strict=True, reason="io_uring IORING_OP_SPLICE "
-                              "bodies are not counted (no syscall to see)")
+BODY_MODES = ("sslsendfile", "sendfile", "splice", "syswrite", "uringsend")
 
 
 @pytest.mark.parametrize("mode, size", [
-    pytest.param(mode, size, id="%s-%s" % (mode, size_id(size)),
-                 marks=[URING_GAP] if mode == "splice" and size else [])
-    for mode in ("sslsendfile", "sendfile", "splice") for size in SIZES])
+    pytest.param(mode, size, id="%s-%s" % (mode, size_id(size)))
+    for mode in BODY_MODES for size in SIZES])
 def test_ktls_put_body_past_openssl(tracer, ktls, mode, size):
-    """TLS 1.3, kTLS send: head by SSL_write, body by SSL_sendfile(),
-    sendfile(2) or io_uring splice, straight into the kernel's TLS."""
+    """TLS 1.3, kTLS send: head by SSL_write, body straight into the
+    kernel's TLS by SSL_sendfile(), sendfile(2), io_uring splice (run by a
+    kernel worker: no syscall to see), write(2) on the socket, or io_uring
+    send."""
     path = "/%s/put-%s-%s" % (BUCKET, mode, size_id(size))
     request_checked(tracer, ktls, "tls1.3", "PUT", path, size, 0,
                     lambda p: "PUT:%s:%s:%s" % (mode, p, ktls.bodies[size]),
