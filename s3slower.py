@@ -2338,13 +2338,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_splice) { return file_send_enter(args->fd_o
 TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return file_send_exit(args->ret); }
 
 /* Kernel TLS, where the kernel has kprobes: every send on a kTLS socket
- * reaches tls_sw_sendmsg (or, before Linux 6.5, tls_sw_sendpage for
- * sendfile and splice) with the plaintext, whoever sends: write(2), a
- * sendfile the syscall probes did not claim, io_uring SEND, WRITE and
- * SPLICE (run by a kernel worker, with no syscall to see). The socket is
- * tied to its TLS connection at the library's own first send through it
- * (SSL_write of the request head); what is sent outside the library
- * after that is the request's body. */
+ * reaches tls_sw_sendmsg (before Linux 6.5, tls_sw_sendpage for sendfile
+ * and splice; tls_device_* with NIC offload) with the plaintext, whoever
+ * sends: write(2), a sendfile the syscall probes did not claim, io_uring
+ * SEND, WRITE and SPLICE (run by a kernel worker, with no syscall to see).
+ * The socket is tied to its TLS connection at the library's own first
+ * send through it (SSL_write of the request head); what is sent outside
+ * the library after that is the request's body. */
 BPF_TABLE("lru_hash", u64, struct conn_key, ktls_sockets, __MAX_CONNS__);
 struct ktls_send {
     u64 sk;
@@ -3918,7 +3918,8 @@ class Tracer:
             except (OSError, subprocess.SubprocessError):
                 pass
         probed = []
-        for function in ("tls_sw_sendmsg", "tls_sw_sendpage"):
+        for function in ("tls_sw_sendmsg", "tls_sw_sendpage",
+                         "tls_device_sendmsg", "tls_device_sendpage"):
             # The return first: no send is seen starting without its end.
             try:
                 self.bpf.attach_kretprobe(event=function,
