@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import struct
 import subprocess
@@ -2642,12 +2643,12 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
         text = text.replace(name, "1" if present else "0")
     comm_filter = ""
     if comm:
-        want = comm.encode()[:15]
-        checks = " || ".join("c[%d] != %d" % (i, b) for i, b in enumerate(want))
-        checks += " || c[%d] != 0" % len(want)
-        comm_filter = ("char c[TASK_COMM_LEN] = {}; "
-                       "bpf_get_current_comm(&c, sizeof(c)); "
-                       "if (%s) return 0;" % checks)
+        # The name as two 64-bit words, NUL-padded as the kernel keeps it.
+        words = struct.unpack("<QQ", comm.encode()[:15].ljust(16, b"\0"))
+        comm_filter = ("u64 c[2] = {};\n    "
+                       "bpf_get_current_comm(&c, sizeof(c));\n    "
+                       "if (c[0] != 0x%xULL || c[1] != 0x%xULL)\n"
+                       "        return 0;" % words)
     for name, value in (("__REQ_CAP__", REQ_CAP),
                         ("__RESP_CAP__", RESP_CAP),
                         ("__WIN__", WIN),
@@ -4050,7 +4051,13 @@ class Tracer:
         next_tables = time.monotonic() + interval if interval else None
         rescan = self.args.rescan_interval
         next_rescan = time.monotonic() + rescan if rescan else None
+        # A pipe reader that went away (| head) ends us at once, not at the
+        # next line we would write: no requests may come for a long time.
+        reader_gone = select.poll()
+        reader_gone.register(self.out.fileno(), select.POLLERR)
         while not self.stop:
+            if reader_gone.poll(0):
+                raise BrokenPipeError
             if next_rescan and time.monotonic() >= next_rescan:
                 self.rescan()
                 next_rescan = time.monotonic() + rescan

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The overhead floor: the same uprobes and uretprobes s3slower attaches,
-on the same files, with handlers that only count. Whatever a tracer adds
-above this is its own cost; this much every uprobe tracer pays.
+on the same files, and the syscall tracepoints it attaches by default
+(sendfile, splice, mmap), with handlers that only count. Whatever a tracer
+adds above this is its own cost; this much every uprobe tracer pays.
 
-usage: floor.py [--no-plain]   (as root; prints "Tracing ..." on stderr,
-Ctrl-C ends). --no-plain leaves out the syscall tracepoints, as s3slower's
-option does.
+usage: floor.py [--plain]   (as root; prints "Tracing ..." on stderr,
+Ctrl-C ends). --plain adds the syscall tracepoints of s3slower's --plain
+(on a kernel without kprobes).
 """
 import ctypes
 import os
@@ -26,19 +27,21 @@ static __always_inline int hit(void) {
 }
 int count(struct pt_regs *ctx) { return hit(); }
 """
-# The syscall tracepoints s3slower uses for plain HTTP (and sendfile).
-SYSCALLS = ("write", "sendto", "writev", "sendmsg", "read", "recvfrom",
-            "readv", "recvmsg", "sendfile64", "socket")
-ONE_SHOT = ("connect", "close")
+# The syscall tracepoints s3slower always uses, and those of --plain.
+ALWAYS = ("sendfile64", "splice")
+PLAIN = ("write", "sendto", "writev", "sendmsg", "read", "recvfrom", "readv",
+         "recvmsg", "socket")
+ONE_SHOT = ("mmap",)
+PLAIN_ONE_SHOT = ("connect", "close")
 
 
-def tracepoints():
+def tracepoints(plain):
     text = ""
-    for name in SYSCALLS:
+    for name in ALWAYS + (PLAIN if plain else ()):
         text += ("TRACEPOINT_PROBE(syscalls, sys_enter_%s) { return hit(); }\n"
                  "TRACEPOINT_PROBE(syscalls, sys_exit_%s) { return hit(); }\n"
                  % (name, name))
-    for name in ONE_SHOT:
+    for name in ONE_SHOT + (PLAIN_ONE_SHOT if plain else ()):
         text += ("TRACEPOINT_PROBE(syscalls, sys_enter_%s) { return hit(); }\n"
                  % name)
     return text
@@ -48,8 +51,7 @@ def main():
     bcc = s3slower.import_bcc()
     s3slower.ensure_tracefs()
     libraries, _ = s3slower.discover_libraries(list(s3slower.FAMILIES), [])
-    plain = "--no-plain" not in sys.argv
-    bpf = bcc.BPF(text=PROGRAM + (tracepoints() if plain else ""))
+    bpf = bcc.BPF(text=PROGRAM + tracepoints("--plain" in sys.argv))
     probes = 0
     for lib in libraries:
         for symbol, kind in s3slower.FAMILIES[lib.family]["probes"]:
