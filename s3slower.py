@@ -4249,20 +4249,20 @@ def main(argv=None):
         # The reader went away (| head): end quietly, as a pipeline expects.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         tracer.finish(print_stats=False)
-    tracer.disable()
-    leave_probes_behind()
+    leave_probes_behind(tracer.disable)
     return 0
 
 
-def leave_probes_behind():
+def leave_probes_behind(first=None):
     """Let a child own the probes' teardown, so this process ends now.
 
     Releasing a uprobe waits for an RCU grace period or two in the kernel,
     about 100 ms each here: tens of probes took seconds, whether BCC detached
     them one by one or the kernel closed them at exit. A forked child holds
     the same descriptors; once this process is gone it exits, and the last
-    references (and the waiting) are its. The probes no longer report: the
-    parser is unhooked first (Tracer.disable)."""
+    references (and the waiting) are its. The child first runs first()
+    (Tracer.disable: the probes stop parsing, which takes the kernel tens
+    of milliseconds this process need not wait for)."""
     sys.stderr.flush()
     try:
         sys.stdout.flush()
@@ -4275,6 +4275,11 @@ def leave_probes_behind():
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):         # a pipe reader must not wait for us
             os.dup2(null, fd)
+        if first:
+            try:
+                first()
+            except Exception:
+                pass
         os.read(parent_gone, 1)      # returns when the parent has exited
         os._exit(0)
     os.close(parent_gone)

@@ -5,7 +5,8 @@ fast it starts and stops.
   syscall tax   dd if=/dev/zero of=/dev/null bs=1 count=N: ns per read or
                 write syscall with no tracer, with ./s3slower.py (default:
                 plain HTTP off) and with ./s3slower.py --plain
-  start         launch to the "Tracing" line on stderr (warm ELF-scan cache)
+  start         launch to the "Tracing" line on stderr (warm ELF-scan cache,
+                default options, no earlier tracer still releasing probes)
   exit          SIGTERM to exit; and `s3slower.py | head -n 1` while
                 requests flow: head's exit to the tracer's
 
@@ -53,6 +54,17 @@ def stop_seconds(proc):
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     return time.monotonic() - started
+
+
+def probes_released(timeout=60):
+    """Wait until no s3slower process is left: the child an exit leaves to
+    release the probes (RCU grace periods) would slow the next start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", TOOL],
+                          capture_output=True).returncode != 0:
+            return
+        time.sleep(0.1)
 
 
 def head_exit_seconds():
@@ -105,10 +117,13 @@ def main():
         tax["none"].append(dd_ns_per_syscall(args.count))
         for name, extra in (("s3slower", ()), ("s3slower --plain",
                                                 ("--plain",))):
+            probes_released()
             proc, took = start_tracer(*extra)
-            starts.append(took)
+            if not extra:
+                starts.append(took)     # the default's start-up
             tax[name].append(dd_ns_per_syscall(args.count))
             stops.append(stop_seconds(proc))
+        probes_released()
         heads.append(head_exit_seconds())
     none = statistics.median(tax["none"])
     print("syscall tax (dd bs=1, ns per read/write syscall, median of %d):"
