@@ -47,6 +47,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from tax import probes_released  # noqa: E402
 ROOT = os.path.dirname(HERE)
 TESTS = os.path.join(ROOT, "tests")
 TOOL = os.path.join(ROOT, "s3slower.py")
@@ -139,6 +141,9 @@ class Tracer:
     """s3slower --json, output and stderr in files."""
 
     def __init__(self, args=(), workdir=None):
+        # An earlier tracer's probes still being released would slow the
+        # start and every attach (uprobe changes take the same kernel lock).
+        probes_released()
         self.out = tempfile.NamedTemporaryFile(
             prefix="np-bench", suffix=".out", dir=workdir, delete=False)
         self.err = tempfile.NamedTemporaryFile(

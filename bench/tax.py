@@ -61,8 +61,10 @@ def probes_released(timeout=60):
     release the probes (RCU grace periods) would slow the next start."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if subprocess.run(["pgrep", "-f", TOOL],
-                          capture_output=True).returncode != 0:
+        if subprocess.run(["pgrep", "-f", TOOL], capture_output=True
+                          ).returncode != 0 and subprocess.run(
+                ["pgrep", "-x", "s3slower-exit"],
+                capture_output=True).returncode != 0:
             return
         time.sleep(0.1)
 
