@@ -7,15 +7,19 @@
 #
 # Uprobes on the TLS libraries' read and write entry points (OpenSSL, GnuTLS,
 # NSS/NSPR, OpenSSL built into programs, Go's crypto/tls) see the plaintext
-# HTTP before it is encrypted and after it is decrypted; syscall tracepoints
-# see plain HTTP (--plain). The kernel follows HTTP/1.x framing on every
-# connection (an SSL *, a gnutls session, a PRFileDesc *, a *tls.Conn, a
-# (pid, fd)) with a table-driven automaton, times each request and response,
-# counts their bytes and hands user space one record per request: both heads,
-# status, bytes, times, and the TCP facts that say why it was slow. User
-# space names the S3 operation, bucket and key and prints one line (or one
-# JSON object) per request, p50/p90/p99 tables and Prometheus metrics.
-# Programs started later are found at their exec (sched_process_exec).
+# HTTP before it is encrypted and after it is decrypted; kprobes on
+# tcp_sendmsg/tcp_recvmsg (or, without kprobes, syscall tracepoints with
+# --plain) see plain HTTP, and kprobes on the kernel's TLS sends see bodies
+# sent past the library (sendfile, io_uring). The kernel follows HTTP/1.x
+# framing on every connection (an SSL *, a gnutls session, a PRFileDesc *, a
+# *tls.Conn, a socket) with a table-driven automaton, times each request and
+# response, counts their bytes and hands user space one record per request:
+# both heads, status, bytes, times, and the TCP facts that say why it was
+# slow. User space names the S3 operation, bucket and key and prints one
+# line (or one JSON object) per request, p50/p90/p99 tables and Prometheus
+# metrics.
+# Programs and libraries that appear later are found at their exec and at
+# their executable mmap, by file identity.
 #
 # The tool never prints credentials: Authorization and token headers are never
 # output, and signature/credential query parameters are replaced by REDACTED.
@@ -48,6 +52,8 @@ examples = """examples:
     ./s3slower.py --json | jq .          # JSON Lines, one object per request
     ./s3slower.py -p 1234                # only process 1234
     ./s3slower.py --plain                # plain HTTP (no TLS) as well
+    ./s3slower.py --no-plain             # TLS only (plain HTTP is on by
+                                         # default where there are kprobes)
     ./s3slower.py --comm aws             # only processes named aws
     ./s3slower.py --host-substr amazonaws.com --min-lat-ms 100
     ./s3slower.py --method PUT --op PutObject --bucket logs
