@@ -68,7 +68,8 @@ def drive(nginx, seconds, pythons=2, curls=2):
 
 def summary(stderr):
     m = re.search(r"s3slower: (\d+) requests reported from (\d+) kernel "
-                  r"events; (\d+) lost events, (\d+) incomplete", stderr)
+                  r"records \(and \d+ new files seen at exec or mmap\); "
+                  r"(\d+) lost events, (\d+) incomplete", stderr)
     return tuple(int(x) for x in m.groups())
 
 
