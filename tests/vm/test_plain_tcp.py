@@ -24,6 +24,7 @@ from conftest import PYTHON, ROOT, S3Server, run_client, wait_until
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from tax import dd_ns_per_syscall  # noqa: E402
+from new_programs import BPF_STATS, tracer_bpf_programs  # noqa: E402
 
 if os.environ.get("S3SLOWER_VM_GUEST") != "1":
     _why = ("tests/vm runs inside the VM stage's guest: tests/vm/stage.sh "
@@ -171,18 +172,37 @@ def test_plain_http_in_tcp_layer(tracer, plain_server):
 
 
 def test_syscall_tax_of_other_processes(tracer, pytestconfig):
-    """A process that never touches TCP: what its read/write syscalls pay
-    with the tracer running (plain HTTP on, in the TCP layer) against the
-    figure measured before the tracer started (stage.sh). Goal: <= 1.3x."""
+    """A process that never touches TCP: its read/write syscalls run none
+    of the tracer's BPF programs (counted by the kernel's BPF statistics),
+    with plain HTTP on in the TCP layer. What a syscall costs with the
+    tracer running and before it started (stage.sh) is printed: under
+    emulation that figure swings by 2x from run to run, so the count is
+    what is checked."""
     before = float(os.environ.get("S3SLOWER_VM_DD_NS") or 0)
     if not before:
         pytest.fail("stage.sh measured no dd figure (S3SLOWER_VM_DD_NS)")
-    now = min(dd_ns_per_syscall(200000) for _ in range(3))
+    count = 200000                      # dd: 2 syscalls a byte
+    with open(BPF_STATS) as f:
+        stats_were = f.read().strip()
+    with open(BPF_STATS, "w") as f:
+        f.write("1")
+    try:
+        runs_before = tracer_bpf_programs(tracer.proc.pid)
+        now = dd_ns_per_syscall(count)
+        runs_after = tracer_bpf_programs(tracer.proc.pid)
+    finally:
+        with open(BPF_STATS, "w") as f:
+            f.write(stats_were)
+    ran = sum(cnt - runs_before.get(prog, (0, 0))[1]
+              for prog, (_ns, cnt) in runs_after.items())
     report = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
     if report and capture:
         with capture.global_and_fixture_disabled():
-            report.write_line("\n[vm] dd bs=1: %.0f ns per syscall without "
-                              "the tracer, %.0f ns with it (%.2fx)"
-                              % (before, now, now / before))
-    assert now <= 1.3 * before, (before, now)
+            report.write_line(
+                "\n[vm] dd bs=1: %.0f ns per syscall without the tracer, %.0f "
+                "ns with it (%.2fx); the tracer's BPF programs ran %d times "
+                "during its %d syscalls" % (before, now, now / before, ran,
+                                            2 * count))
+    # dd's own exec and mappings, and whatever else the guest does then.
+    assert ran < 200, ran
