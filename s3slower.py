@@ -290,106 +290,6 @@ FAMILIES = OrderedDict([
 LibraryFile = namedtuple("LibraryFile", "family path static")
 
 
-# Kernel layouts read from its BTF at start: (struct, member names tried
-# in turn) -> byte offset, and (enum, name) -> value.
-FILE_OFFSETS = (("task_struct", "mm"), ("task_struct", "files"),
-                ("mm_struct", "exe_file"), ("files_struct", "fdt"),
-                ("fdtable", "fd"), ("fdtable", "max_fds"),
-                ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"),
-                ("super_block", "s_dev"))
-TCP_OFFSETS = (("msghdr", "msg_iter"), ("iov_iter", "iter_type"),
-               ("iov_iter", "iov_offset"), ("iov_iter", "count"),
-               ("iov_iter", "ubuf", "iov", "__iov"), ("iov_iter", "nr_segs"),
-               ("sock_common", "skc_dport"))
-TCP_ENUMS = (("iter_type", "ITER_UBUF"), ("iter_type", "ITER_IOVEC"))
-BTF_HEADER = struct.Struct("<HBBIIIII")
-BTF_TYPE = struct.Struct("<III")
-BTF_STRUCT, BTF_UNION, BTF_ENUM = 4, 5, 6
-BTF_MODIFIERS = (8, 9, 10, 11, 18)      # typedef, volatile, const, ...
-# Bytes after a type's header, by kind: fixed, and per vlen item.
-BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
-             13: (0, 8), 14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
-
-
-def btf_layout(members=FILE_OFFSETS + TCP_OFFSETS, enums=TCP_ENUMS,
-               path="/sys/kernel/btf/vmlinux"):
-    """{(struct, member): byte offset} and {(enum, name): value} from a BTF
-    file, looking into the anonymous structs and unions a member may sit
-    in; what is not found is left out. None without BTF."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        magic, _version, _flags, hdr_len, type_off, type_len, str_off, \
-            _str_len = BTF_HEADER.unpack_from(data)
-    except (OSError, struct.error):
-        return None
-    if magic != 0xeb9f:
-        return None
-    strings = hdr_len + str_off
-
-    def name(offset):
-        return data[strings + offset:data.index(b"\0", strings + offset)]
-
-    # One pass over the types, unpacking only their headers: a struct's
-    # members are read when one is looked into.
-    types = [None]              # id -> (kind, name offset, type, pos, info)
-    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-    unpack, extra = BTF_TYPE.unpack_from, BTF_EXTRA
-    while pos < end:
-        name_off, info, size_or_type = unpack(data, pos)
-        kind = (info >> 24) & 0x1f
-        types.append((kind, name_off, size_or_type, pos, info))
-        fixed, per_item = extra.get(kind, (0, 0))
-        pos += 12 + fixed + per_item * (info & 0xffff)
-
-    def member_offset(type_id, member):
-        kind, _, inner, pos, info = types[type_id]
-        while kind in BTF_MODIFIERS:
-            kind, _, inner, pos, info = types[inner]
-        if kind not in (BTF_STRUCT, BTF_UNION):
-            return None
-        for i in range(info & 0xffff):
-            m_name, m_type, m_offset = unpack(data, pos + 12 + 12 * i)
-            if info >> 31:
-                m_offset &= 0xffffff            # bitfield size above
-            if m_name and name(m_name) == member:
-                return m_offset // 8
-            if not m_name:
-                below = member_offset(m_type, member)
-                if below is not None:
-                    return m_offset // 8 + below
-        return None
-
-    wanted = {item[0] for item in members} | {item[0] for item in enums}
-    names = {}                  # string offset -> a wanted type's name
-    for type_name in wanted:
-        at = data.find(b"\0%s\0" % type_name.encode(), strings - 1)
-        if at >= 0:
-            names[at + 1 - strings] = type_name
-    found_types = {}
-    for type_id, (kind, name_off, _, pos, info) in enumerate(types[1:], 1):
-        if kind in (BTF_STRUCT, BTF_ENUM) and name_off in names and \
-                info & 0xffff:
-            found_types.setdefault(names[name_off], (type_id, pos, info))
-    layout = {}
-    for struct_name, *alternatives in members:
-        if struct_name in found_types:
-            for member in alternatives:
-                offset = member_offset(found_types[struct_name][0],
-                                       member.encode())
-                if offset is not None:
-                    layout[(struct_name, alternatives[0])] = offset
-                    break
-    for enum_name, value_name in enums:
-        if enum_name in found_types:
-            _, pos, info = found_types[enum_name]
-            for i in range(info & 0xffff):
-                v_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
-                if name(v_name) == value_name.encode():
-                    layout[(enum_name, value_name)] = value
-    return layout
-
-
 def kernel_dev(st_dev):
     """A stat() device number as the kernel keeps it (super_block.s_dev)."""
     return (os.major(st_dev) << 20) | os.minor(st_dev)
@@ -2010,14 +1910,12 @@ static __always_inline int new_file(struct kernel_offsets *o, u64 file,
     return known_files.insert(id, &one) == 0;
 }
 
-static __always_inline void report_file(u8 type, u32 tgid, struct file_id *id,
-                                        struct record *r, int path_len)
+static __always_inline void report_file(u8 type, u32 tgid, struct record *r,
+                                        int path_len)
 {
     r->type = type;
     r->tgid = tgid;
     r->req_start = bpf_ktime_get_ns();
-    r->handle = id->ino;        /* the file's identity */
-    r->tid = id->dev;
     r->req_cap = path_len;
     u64 size = offsetof(struct record, req_data) + 256;
     if (records.ringbuf_output(r, size, BPF_RB_FORCE_WAKEUP) != 0)
@@ -2041,7 +1939,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     int len = read_kernel_str(r->req_data, 256,
         (void *)args + (args->data_loc_filename & 0xffff));
-    report_file(REC_EXEC, tgid, &id, r, len > 1 ? len - 1 : 0);
+    report_file(REC_EXEC, tgid, r, len > 1 ? len - 1 : 0);
     return 0;
 }
 
@@ -2068,7 +1966,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
         return 0;
     struct record *r = blank.lookup(&zero);
     if (r)
-        report_file(REC_MAP, tgid, &id, r, 0);
+        report_file(REC_MAP, tgid, r, 0);
     return 0;
 }
 
@@ -2629,6 +2527,106 @@ def tracepoint_field(category, event, field):
         except OSError:
             continue
     return False
+
+
+# Kernel layouts read from its BTF at start: (struct, member names tried
+# in turn) -> byte offset, and (enum, name) -> value.
+FILE_OFFSETS = (("task_struct", "mm"), ("task_struct", "files"),
+                ("mm_struct", "exe_file"), ("files_struct", "fdt"),
+                ("fdtable", "fd"), ("fdtable", "max_fds"),
+                ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"),
+                ("super_block", "s_dev"))
+TCP_OFFSETS = (("msghdr", "msg_iter"), ("iov_iter", "iter_type"),
+               ("iov_iter", "iov_offset"), ("iov_iter", "count"),
+               ("iov_iter", "ubuf", "iov", "__iov"), ("iov_iter", "nr_segs"),
+               ("sock_common", "skc_dport"))
+TCP_ENUMS = (("iter_type", "ITER_UBUF"), ("iter_type", "ITER_IOVEC"))
+BTF_HEADER = struct.Struct("<HBBIIIII")
+BTF_TYPE = struct.Struct("<III")
+BTF_STRUCT, BTF_UNION, BTF_ENUM = 4, 5, 6
+BTF_MODIFIERS = (8, 9, 10, 11, 18)      # typedef, volatile, const, ...
+# Bytes after a type's header, by kind: fixed, and per vlen item.
+BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8),
+             13: (0, 8), 14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
+
+
+def btf_layout(members=FILE_OFFSETS + TCP_OFFSETS, enums=TCP_ENUMS,
+               path="/sys/kernel/btf/vmlinux"):
+    """{(struct, member): byte offset} and {(enum, name): value} from a BTF
+    file, looking into the anonymous structs and unions a member may sit
+    in; what is not found is left out. None without BTF."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        magic, _version, _flags, hdr_len, type_off, type_len, str_off, \
+            _str_len = BTF_HEADER.unpack_from(data)
+    except (OSError, struct.error):
+        return None
+    if magic != 0xeb9f:
+        return None
+    strings = hdr_len + str_off
+
+    def name(offset):
+        return data[strings + offset:data.index(b"\0", strings + offset)]
+
+    # One pass over the types, unpacking only their headers: a struct's
+    # members are read when one is looked into.
+    types = [None]              # id -> (kind, name offset, type, pos, info)
+    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+    unpack, extra = BTF_TYPE.unpack_from, BTF_EXTRA
+    while pos < end:
+        name_off, info, size_or_type = unpack(data, pos)
+        kind = (info >> 24) & 0x1f
+        types.append((kind, name_off, size_or_type, pos, info))
+        fixed, per_item = extra.get(kind, (0, 0))
+        pos += 12 + fixed + per_item * (info & 0xffff)
+
+    def member_offset(type_id, member):
+        kind, _, inner, pos, info = types[type_id]
+        while kind in BTF_MODIFIERS:
+            kind, _, inner, pos, info = types[inner]
+        if kind not in (BTF_STRUCT, BTF_UNION):
+            return None
+        for i in range(info & 0xffff):
+            m_name, m_type, m_offset = unpack(data, pos + 12 + 12 * i)
+            if info >> 31:
+                m_offset &= 0xffffff            # bitfield size above
+            if m_name and name(m_name) == member:
+                return m_offset // 8
+            if not m_name:
+                below = member_offset(m_type, member)
+                if below is not None:
+                    return m_offset // 8 + below
+        return None
+
+    wanted = {item[0] for item in members} | {item[0] for item in enums}
+    names = {}                  # string offset -> a wanted type's name
+    for type_name in wanted:
+        at = data.find(b"\0%s\0" % type_name.encode(), strings - 1)
+        if at >= 0:
+            names[at + 1 - strings] = type_name
+    found_types = {}
+    for type_id, (kind, name_off, _, pos, info) in enumerate(types[1:], 1):
+        if kind in (BTF_STRUCT, BTF_ENUM) and name_off in names and \
+                info & 0xffff:
+            found_types.setdefault(names[name_off], (type_id, pos, info))
+    layout = {}
+    for struct_name, *alternatives in members:
+        if struct_name in found_types:
+            for member in alternatives:
+                offset = member_offset(found_types[struct_name][0],
+                                       member.encode())
+                if offset is not None:
+                    layout[(struct_name, alternatives[0])] = offset
+                    break
+    for enum_name, value_name in enums:
+        if enum_name in found_types:
+            _, pos, info = found_types[enum_name]
+            for i in range(info & 0xffff):
+                v_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
+                if name(v_name) == value_name.encode():
+                    layout[(enum_name, value_name)] = value
+    return layout
 
 
 def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,

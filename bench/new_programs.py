@@ -35,6 +35,7 @@ usage: bench/new_programs.py [--programs 50] [--idle 2000] [--rate 1000]
            [--json FILE]
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -325,6 +326,24 @@ def storm(bins, rate, seconds):
                 cpu=float(own) + float(children))
 
 
+@contextlib.contextmanager
+def bpf_stats(on=True):
+    """The kernel's BPF run-time statistics on for the block (as they
+    were after it): tracer_bpf_programs() then counts runs."""
+    if not on:
+        yield
+        return
+    with open(BPF_STATS) as f:
+        was = f.read().strip()
+    with open(BPF_STATS, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(BPF_STATS, "w") as f:
+            f.write(was)
+
+
 def tracer_bpf_programs(pid):
     """{prog_id: (run_time_ns, run_cnt)} of the BPF programs process pid
     holds open (/proc/PID/fdinfo; counted while bpf_stats_enabled)."""
@@ -416,25 +435,16 @@ def cost(args, bins, work):
             log("tracer idle for %g s" % args.seconds)
             idle_pct, idle_records, _ = window(tracer, args.seconds)
             log("storm with the tracer")
-            stats_was = None
-            if args.bpf_stats and os.path.exists(BPF_STATS):
-                with open(BPF_STATS) as f:
-                    stats_was = f.read().strip()
-                with open(BPF_STATS, "w") as f:
-                    f.write("1")
-            try:
+            counted = args.bpf_stats and os.path.exists(BPF_STATS)
+            with bpf_stats(counted):
                 progs0 = tracer_bpf_programs(tracer.proc.pid)
                 load0 = loadavg()
                 storm_pct, storm_records, during = window(
                     tracer, args.seconds,
                     lambda: storm(bins, args.rate, args.seconds))
                 progs1 = tracer_bpf_programs(tracer.proc.pid)
-            finally:
-                if stats_was is not None:
-                    with open(BPF_STATS, "w") as f:
-                        f.write(stats_was)
             hooks = all_bpf = (None, None)
-            if stats_was is not None:
+            if counted:
                 names = bpf_names(set(progs1))
                 all_bpf = bpf_delta(progs0, progs1, names, None)
                 if names:

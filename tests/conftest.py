@@ -54,6 +54,19 @@ def require_bpf():
         pytest.skip(reason)
 
 
+def require_vm_guest():
+    """At the top of a tests/vm module: it runs only inside the VM stage's
+    guest (tests/vm/stage.sh boots it); elsewhere it is skipped, or with
+    S3SLOWER_REQUIRE_BPF=1 a failure."""
+    if os.environ.get("S3SLOWER_VM_GUEST") == "1":
+        return
+    why = ("tests/vm runs inside the VM stage's guest: tests/vm/stage.sh "
+           "(run by tests/run.sh) boots it")
+    if os.environ.get("S3SLOWER_REQUIRE_BPF") == "1":
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
 def require_tool(name):
     """Path of an installed program the test needs (./install.sh --tests)."""
     import shutil

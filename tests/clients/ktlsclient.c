@@ -128,17 +128,23 @@ static int uring_splice(struct io_uring *ring, int in, int64_t in_off, int out,
     return r;
 }
 
+static void ring_open(struct io_uring *ring)
+{
+    int r = io_uring_queue_init(4, ring, 0);
+    if (r < 0) {
+        errno = -r;
+        die(2, "io_uring_queue_init");
+    }
+}
+
 /* file -> pipe -> socket, each step an IORING_OP_SPLICE (splice(2) needs a
  * pipe on one side). */
 static long body_splice(int sock, int file, long size)
 {
     struct io_uring ring;
-    int p[2], r;
+    int p[2];
     long sent = 0;
-    if ((r = io_uring_queue_init(4, &ring, 0)) < 0) {
-        errno = -r;
-        die(2, "io_uring_queue_init");
-    }
+    ring_open(&ring);
     if (pipe(p))
         die(2, "pipe");
     int cap = fcntl(p[1], F_SETPIPE_SZ, 1 << 20);
@@ -203,11 +209,7 @@ static long piece_uring_send(int sock, const char *buf, long len, void *arg)
 static long body_uring_send(int sock, int file, long size)
 {
     struct io_uring ring;
-    int r = io_uring_queue_init(4, &ring, 0);
-    if (r < 0) {
-        errno = -r;
-        die(2, "io_uring_queue_init");
-    }
+    ring_open(&ring);
     long sent = body_pieces(sock, file, size, piece_uring_send, &ring);
     io_uring_queue_exit(&ring);
     return sent;

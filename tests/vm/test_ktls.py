@@ -32,14 +32,9 @@ import warnings
 
 import pytest
 
-from conftest import TESTS, run_client, wait_until
+from conftest import TESTS, require_vm_guest, run_client, wait_until
 
-if os.environ.get("S3SLOWER_VM_GUEST") != "1":
-    _why = ("tests/vm runs inside the VM stage's guest: tests/vm/stage.sh "
-            "(run by tests/run.sh) boots it")
-    if os.environ.get("S3SLOWER_REQUIRE_BPF") == "1":
-        pytest.fail(_why, pytrace=False)
-    pytest.skip(_why, allow_module_level=True)
+require_vm_guest()
 
 BUCKET = "ktls-bkt"
 KiB, MiB = 1 << 10, 1 << 20

@@ -20,18 +20,14 @@ import time
 
 import pytest
 
-from conftest import PYTHON, ROOT, S3Server, run_client, wait_until
+from conftest import (PYTHON, ROOT, S3Server, require_vm_guest, run_client,
+                      wait_until)
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from tax import dd_ns_per_syscall  # noqa: E402
-from new_programs import BPF_STATS, tracer_bpf_programs  # noqa: E402
+from new_programs import bpf_stats, tracer_bpf_programs  # noqa: E402
 
-if os.environ.get("S3SLOWER_VM_GUEST") != "1":
-    _why = ("tests/vm runs inside the VM stage's guest: tests/vm/stage.sh "
-            "(run by tests/run.sh) boots it")
-    if os.environ.get("S3SLOWER_REQUIRE_BPF") == "1":
-        pytest.fail(_why, pytrace=False)
-    pytest.skip(_why, allow_module_level=True)
+require_vm_guest()
 
 SEED = int(os.environ.get("S3SLOWER_SEED") or 20261201)
 RECORD_TIMEOUT = 120
@@ -182,17 +178,10 @@ def test_syscall_tax_of_other_processes(tracer, pytestconfig):
     if not before:
         pytest.fail("stage.sh measured no dd figure (S3SLOWER_VM_DD_NS)")
     count = 200000                      # dd: 2 syscalls a byte
-    with open(BPF_STATS) as f:
-        stats_were = f.read().strip()
-    with open(BPF_STATS, "w") as f:
-        f.write("1")
-    try:
+    with bpf_stats():
         runs_before = tracer_bpf_programs(tracer.proc.pid)
         now = dd_ns_per_syscall(count)
         runs_after = tracer_bpf_programs(tracer.proc.pid)
-    finally:
-        with open(BPF_STATS, "w") as f:
-            f.write(stats_were)
     ran = sum(cnt - runs_before.get(prog, (0, 0))[1]
               for prog, (_ns, cnt) in runs_after.items())
     report = pytestconfig.pluginmanager.get_plugin("terminalreporter")
