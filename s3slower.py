@@ -422,18 +422,42 @@ def elf_functions(path, names):
     return set(elf_symbols(path, names))
 
 
+def elf_file_offset(sections, address):
+    """(file offset, bytes to the section's end) of a virtual address, or
+    (None, 0) where the file holds no bytes for it."""
+    for sec in sections:
+        if sec.addr <= address < sec.addr + sec.size and \
+                sec.type != 8:          # SHT_NOBITS has no bytes
+            return sec.offset + address - sec.addr, \
+                sec.addr + sec.size - address
+    return None, 0
+
+
 def elf_bytes(path, address, size):
     """size bytes of path at a virtual address (of a function), or b""."""
     try:
         with open(path, "rb") as f:
-            for sec in elf_sections(f):
-                if sec.addr <= address < sec.addr + sec.size and \
-                        sec.type != 8:          # SHT_NOBITS has no bytes
-                    f.seek(sec.offset + address - sec.addr)
-                    return f.read(min(size, sec.addr + sec.size - address))
+            offset, available = elf_file_offset(elf_sections(f), address)
+            if offset is not None:
+                f.seek(offset)
+                return f.read(min(size, available))
     except (OSError, struct.error, ValueError):
         pass
     return b""
+
+
+def in_file(path, plan):
+    """A plan whose virtual addresses are now file offsets, where uprobes
+    are placed (they differ in a non-PIE executable: Go's start at
+    0x400000); probes at addresses the file has no bytes for are left out."""
+    with open(path, "rb") as f:
+        sections = elf_sections(f)
+    placed = []
+    for handler, symbol, address, is_return in plan:
+        offset, _ = elf_file_offset(sections, address)
+        if offset is not None:
+            placed.append([handler, symbol, offset, is_return])
+    return placed
 
 
 # OpenSSL/BoringSSL built into an executable or another library.
@@ -500,7 +524,7 @@ class ScanCache:
     are built in, and where each probe goes."""
 
     PATH = "/var/cache/s3slower/elf-scan.json"
-    VERSION = 2
+    VERSION = 3
     LIMIT = 200000
 
     def __init__(self, path=PATH):
@@ -858,6 +882,13 @@ STAT_LOST, STAT_COLLISION, STAT_EVICTED, STAT_UNPARSED = 0, 1, 2, 3
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
 #define TASK_COMM_LEN 16     /* linux/sched.h would cost a second of compile */
+
+/* Tracepoint handlers under a name BCC does not attach by itself: the
+ * program is loaded from its compiled image (BpfObject), which attaches
+ * them. BCC still generates the args struct from the tracepoint's format. */
+#undef TRACEPOINT_PROBE
+#define TRACEPOINT_PROBE(category, event) \
+int tp__##category##__##event(struct tracepoint__##category##__##event *args)
 
 /* The helpers that read memory, under names of our own: BCC looks every
  * bpf_probe_read* call up in /proc/kallsyms while it compiles (0.1 s
@@ -2682,6 +2713,279 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
     return text
 
 
+# The compiled program as an image: each function's instructions with the
+# places where it names a map, and each map's definition. BCC compiles the
+# C text into one once per text, kernel and BCC version (LLVM takes 2 s
+# here); later starts load the image kept in /var/cache/s3slower.
+BPF_PROG_TYPE_KPROBE, BPF_PROG_TYPE_TRACEPOINT = 2, 5
+BPF_LD_IMM64, BPF_PSEUDO_MAP_FD = 0x18, 1
+IMAGE_VERSION = 1
+
+
+def compile_image(bcc, text):
+    """(image, BCC's BPF object): the object owns the maps it created, the
+    image names their descriptors in map_fds."""
+    try:
+        bpf = bcc.BPF(text=text.encode())
+    except Exception as exc:
+        raise Fatal("the BPF program did not compile (%s); are the kernel "
+                    "headers right? run ./install.sh" %
+                    str(exc).splitlines()[0])
+    lib, module = bcc.libbcc.lib, bpf.module
+    # What BCC's Python binding leaves undeclared (a pointer would be cut
+    # to an int).
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    for name, restype in (("bpf_table_name", ctypes.c_char_p),
+                          ("bpf_table_fd_id", ctypes.c_int),
+                          ("bpf_table_key_size_id", ctypes.c_size_t),
+                          ("bpf_table_leaf_size_id", ctypes.c_size_t),
+                          ("bpf_table_key_desc_id", ctypes.c_char_p),
+                          ("bpf_table_leaf_desc_id", ctypes.c_char_p)):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        getattr(lib, name).restype = restype
+    maps, by_fd = [], {}
+    for i in range(lib.bpf_num_tables(module)):
+        by_fd[lib.bpf_table_fd_id(module, i)] = len(maps)
+        maps.append(dict(
+            name=lib.bpf_table_name(module, i).decode(),
+            type=lib.bpf_table_type_id(module, i),
+            key_size=lib.bpf_table_key_size_id(module, i),
+            leaf_size=lib.bpf_table_leaf_size_id(module, i),
+            max_entries=lib.bpf_table_max_entries_id(module, i),
+            flags=lib.bpf_table_flags_id(module, i),
+            key=(lib.bpf_table_key_desc_id(module, i) or b"").decode(),
+            leaf=(lib.bpf_table_leaf_desc_id(module, i) or b"").decode()))
+    functions = {}
+    for i in range(lib.bpf_num_functions(module)):
+        name = lib.bpf_function_name(module, i)
+        code = bpf.dump_func(name)
+        references = []
+        for at in range(0, len(code) - 8, 8):
+            if code[at] == BPF_LD_IMM64 and code[at + 1] >> 4 == \
+                    BPF_PSEUDO_MAP_FD:
+                fd = struct.unpack_from("<i", code, at + 4)[0]
+                references.append([at + 4, by_fd[fd]])
+        functions[name.decode()] = dict(code=code.hex(), maps=references)
+    image = dict(version=IMAGE_VERSION, functions=functions, maps=maps,
+                 license=lib.bpf_module_license(module).decode(),
+                 kern_version=lib.bpf_module_kern_version(module),
+                 map_fds=[lib.bpf_table_fd_id(module, i)
+                          for i in range(len(maps))])
+    return image, bpf
+
+
+class ImageCache:
+    """Compiled images on disk, one file per (program text, kernel, BCC),
+    the most recent few kept."""
+
+    DIRECTORY = "/var/cache/s3slower"
+    KEEP = 8
+
+    def __init__(self, directory=DIRECTORY):
+        self.directory = directory
+
+    def path(self, bcc, text):
+        import hashlib
+        uname = os.uname()
+        key = hashlib.sha256("\0".join((
+            text, str(IMAGE_VERSION), getattr(bcc, "__version__", "?"),
+            uname.release, uname.version, uname.machine)).encode())
+        return os.path.join(self.directory,
+                            "bpf-%s.json" % key.hexdigest()[:32])
+
+    def get(self, bcc, text):
+        """The image, if one was kept, and only root could have written it
+        (it becomes kernel code)."""
+        try:
+            with open(self.path(bcc, text)) as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid != 0 or st.st_mode & 0o022:
+                    return None
+                image = json.load(f)
+            return image if image.get("version") == IMAGE_VERSION else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def put(self, bcc, text, image):
+        path = self.path(bcc, text)
+        saved = dict(image, map_fds=None)
+        try:
+            os.makedirs(self.directory, mode=0o755, exist_ok=True)
+            with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT |
+                              os.O_TRUNC, 0o644), "w") as f:
+                json.dump(saved, f)
+            os.replace(path + ".tmp", path)
+            images = sorted(glob.glob(os.path.join(self.directory,
+                                                   "bpf-*.json")),
+                            key=os.path.getmtime, reverse=True)
+            for old in images[self.KEEP:]:
+                os.unlink(old)
+        except OSError:
+            pass
+
+
+IMAGE_CACHE = ImageCache()
+
+
+class MapTable:
+    """One BPF map by its descriptor, with BCC's ctypes Key and Leaf."""
+
+    def __init__(self, lib, fd, key_type, leaf_type):
+        self.lib, self.fd, self.Key, self.Leaf = lib, fd, key_type, leaf_type
+
+    def __getitem__(self, key):
+        leaf = self.Leaf()
+        if self.lib.bpf_lookup_elem(self.fd, ctypes.byref(key),
+                                    ctypes.byref(leaf)) < 0:
+            raise KeyError(key)
+        return leaf
+
+    def __setitem__(self, key, leaf):
+        if self.lib.bpf_update_elem(self.fd, ctypes.byref(key),
+                                    ctypes.byref(leaf), 0) < 0:
+            raise OSError(ctypes.get_errno(), "BPF map update failed")
+
+    def __delitem__(self, key):
+        if self.lib.bpf_delete_elem(self.fd, ctypes.byref(key)) < 0:
+            raise KeyError(key)
+
+    def items(self):
+        """(key, leaf) pairs of a hash map, as they are while it is read."""
+        pairs = []
+        key, following = None, self.Key()
+        while self.lib.bpf_get_next_key(
+                self.fd, ctypes.byref(key) if key is not None else None,
+                ctypes.byref(following)) == 0:
+            key, following = following, self.Key()
+            try:
+                pairs.append((key, self[key]))
+            except KeyError:
+                pass
+        return pairs
+
+
+class BpfObject:
+    """The program as the kernel holds it, from an image: maps created
+    (or BCC's, just compiled), functions loaded on first use with their map
+    references filled in, probes attached, the ring buffer read."""
+
+    def __init__(self, bcc, image, compiler=None):
+        self.lib = lib = bcc.libbcc.lib
+        lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p] + \
+            [ctypes.c_int] * 4
+        lib.bcc_prog_load.argtypes = [
+            ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+            ctypes.c_char_p, ctypes.c_uint, ctypes.c_int, ctypes.c_char_p,
+            ctypes.c_uint]
+        self.image = image
+        self.compiler = compiler    # BCC's object owns its maps: keep it
+        self.decode_type = bcc.BPF._decode_table_type
+        self.ring_callback_type = bcc.libbcc._RINGBUF_CB_TYPE
+        self.map_fds = image.get("map_fds") or [
+            self.create_map(definition) for definition in image["maps"]]
+        self.map_index = {definition["name"]: i
+                          for i, definition in enumerate(image["maps"])}
+        self.origin = "compiled"
+        self.functions = {}
+        self.tables = {}
+        self.links = []             # the perf events of attached probes
+        self.ring = self.ring_callback = None
+
+    def create_map(self, definition):
+        fd = self.lib.bcc_create_map(
+            definition["type"], definition["name"][:15].encode(),
+            definition["key_size"], definition["leaf_size"],
+            definition["max_entries"], definition["flags"])
+        if fd < 0:
+            raise Fatal("cannot create BPF map %s: %s" % (
+                definition["name"], os.strerror(ctypes.get_errno())))
+        return fd
+
+    def load(self, name, kind=BPF_PROG_TYPE_KPROBE):
+        """The descriptor of function name, verified and loaded once as a
+        program of type kind."""
+        fd = self.functions.get(name)
+        if fd is not None:
+            return fd
+        function = self.image["functions"][name]
+        code = bytearray.fromhex(function["code"])
+        for at, index in function["maps"]:
+            struct.pack_into("<i", code, at, self.map_fds[index])
+        load = self.lib.bcc_prog_load
+        args = [kind, name[:15].encode(), bytes(code), len(code),
+                self.image["license"].encode(), self.image["kern_version"]]
+        fd = load(*args, 0, None, 0)
+        if fd < 0:
+            # Again with the verifier's log, for its last words.
+            error = os.strerror(ctypes.get_errno())
+            log = ctypes.create_string_buffer(1 << 22)
+            load(*args, 1, log, len(log))
+            words = [line for line in log.value.decode(
+                "utf-8", "replace").splitlines() if line.strip()]
+            raise Fatal("the kernel rejected BPF function %s: %s" % (
+                name, words[-1] if words else error))
+        self.functions[name] = fd
+        return fd
+
+    def __getitem__(self, name):
+        table = self.tables.get(name)
+        if table is None:
+            definition = self.image["maps"][self.map_index[name]]
+            table = self.tables[name] = MapTable(
+                self.lib, self.map_fds[self.map_index[name]],
+                *(self.decode_type(json.loads(definition[part]))
+                  if definition[part] else None
+                  for part in ("key", "leaf")))
+        return table
+
+    def attach_uprobe(self, path, offset, function, is_return=False):
+        """function at a file offset of path (not a virtual address)."""
+        extra = [0] * (len(self.lib.bpf_attach_uprobe.argtypes) - 6)
+        self.linked(self.lib.bpf_attach_uprobe(
+            self.load(function), int(is_return), self.event_name(),
+            path.encode(), offset, -1, *extra), function, path)
+
+    def attach_kprobe(self, event, function, is_return=False):
+        self.linked(self.lib.bpf_attach_kprobe(
+            self.load(function), int(is_return), self.event_name(),
+            event.encode(), 0, 0), function, event)
+
+    def attach_tracepoints(self):
+        """Every tp__CATEGORY__EVENT function to its tracepoint."""
+        for function in self.image["functions"]:
+            if function.startswith("tp__"):
+                category, event = function[4:].split("__", 1)
+                self.linked(self.lib.bpf_attach_tracepoint(
+                    self.load(function, BPF_PROG_TYPE_TRACEPOINT),
+                    category.encode(), event.encode()),
+                    function, "%s:%s" % (category, event))
+
+    def event_name(self):
+        # Only used where the kernel has no perf PMU for probes (< 4.17).
+        return b"s3slower_%d_%d" % (os.getpid(), len(self.links))
+
+    def linked(self, fd, function, target):
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "cannot attach %s to %s" % (
+                function, target))
+        self.links.append(fd)
+
+    def open_ring_buffer(self, name, callback):
+        """callback(ctx, data, size) for each record; returns 0 to go on."""
+        self.ring_callback = self.ring_callback_type(callback)
+        self.ring = self.lib.bpf_new_ringbuf(
+            self.map_fds[self.map_index[name]], self.ring_callback, None)
+        if not self.ring:
+            raise Fatal("cannot open the BPF ring buffer")
+
+    def ring_buffer_poll(self, timeout_ms):
+        self.lib.bpf_poll_ringbuf(self.ring, timeout_ms)
+
+    def ring_buffer_consume(self):
+        self.lib.bpf_consume_ringbuf(self.ring)
+
+
 # ---------------------------------------------------------------------------
 # Record decoding
 # ---------------------------------------------------------------------------
@@ -3672,11 +3976,11 @@ def go_plan(path):
     plan.append(["go_write_enter", GO_WRITE, write_at + write_entry, False])
     if GO_CLOSE in symbols:
         plan.append(["go_close_enter", GO_CLOSE, symbols[GO_CLOSE][0], False])
-    return plan
+    return in_file(path, plan)
 
 
 def library_plan(path, family):
-    """Where a TLS library's probes go: [handler, symbol, address,
+    """Where a TLS library's probes go: [handler, symbol, file offset,
     is_return] in the order they are attached. Reads before writes, so a
     request written while the probes land does not wait for a response the
     tracer cannot see; a return before its entry, so no call is seen
@@ -3692,7 +3996,7 @@ def library_plan(path, family):
             if leave:
                 plan.append(["%s_%s" % (family, leave), symbol, address, True])
             plan.append(["%s_%s" % (family, enter), symbol, address, False])
-    return plan
+    return in_file(path, plan)
 
 
 def probe_plan(lib):
@@ -3726,12 +4030,10 @@ def attach_probes(bpf, libraries, prefix="  ", cause=None):
                                               plan))
             continue
         names, returns = [], 0
-        for handler, symbol, address, is_return in plan:
-            # By address: BCC would look each symbol up in the file again.
+        for handler, symbol, offset, is_return in plan:
             try:
-                (bpf.attach_uretprobe if is_return else bpf.attach_uprobe)(
-                    name=lib.path, addr=address, fn_name=handler)
-            except Exception:
+                bpf.attach_uprobe(lib.path, offset, handler, is_return)
+            except OSError:
                 continue
             returns += handler == "go_read_return"
             if symbol not in names:
@@ -3757,15 +4059,20 @@ def attach_probes(bpf, libraries, prefix="  ", cause=None):
 def compile_program(bcc, args):
     """The BPF object, every handler loaded: a verifier rejection is one
     clear error at start, not a probe that silently fails to attach later.
-    Runs while discovery reads files (BCC compiles outside the GIL)."""
-    try:
-        bpf = bcc.BPF(text=bpf_program(
-            args.pid, args.comm, ringbuf_pages=args.ringbuf_pages,
-            plain=plain_method(args), port=args.port))
-    except Exception as exc:
-        raise Fatal("the BPF program did not compile or load (%s); "
-                    "are the kernel headers right? run ./install.sh" %
-                    str(exc).splitlines()[0])
+    Runs while discovery reads files (BCC compiles, and the kernel
+    verifies, outside the GIL)."""
+    text = bpf_program(args.pid, args.comm, ringbuf_pages=args.ringbuf_pages,
+                       plain=plain_method(args), port=args.port)
+    image, compiler = IMAGE_CACHE.get(bcc, text), None
+    origin = "compiled image loaded from %s" % IMAGE_CACHE.path(bcc, text)
+    if image is None:
+        started = time.monotonic()
+        image, compiler = compile_image(bcc, text)
+        IMAGE_CACHE.put(bcc, text, image)
+        origin = "compiled in %.1f s (kept for the next start)" % (
+            time.monotonic() - started)
+    bpf = BpfObject(bcc, image, compiler)
+    bpf.origin = origin
     tables = bpf["dfa"]
     tables[ctypes.c_int(0)] = tables.Leaf.from_buffer_copy(b"".join(
         DFA[name] for name in ("byte_class", "next", "acc_mul", "acc_add",
@@ -3773,29 +4080,30 @@ def compile_program(bcc, args):
                                "in_head", "value")))
     # The parser takes the verifier longest: it is loaded while the probes
     # are attached, and hooked in before tracing is announced.
-    parsers = in_background(load_program, bcc, bpf, [
+    parsers = in_background(load_program, bpf, [
         (name, kind, table) for name, kind, table in (
-            ("parse_uprobe", bcc.BPF.KPROBE, "uprobe_parser"),
-            ("parse_tracepoint", bcc.BPF.TRACEPOINT, "tracepoint_parser"))
+            ("parse_uprobe", BPF_PROG_TYPE_KPROBE, "uprobe_parser"),
+            ("parse_tracepoint", BPF_PROG_TYPE_TRACEPOINT,
+             "tracepoint_parser"))
         if table == "uprobe_parser" or plain_method(args) == "syscalls"])
-    load_program(bcc, bpf, [
-        ("%s_%s" % (family, suffix), bcc.BPF.KPROBE, None)
+    load_program(bpf, [
+        ("%s_%s" % (family, suffix), BPF_PROG_TYPE_KPROBE, None)
         for family in selected_families(args)
         for suffix in (GO_HANDLERS if family == "go" else PROBE_HANDLERS_ALL)])
+    try:
+        bpf.attach_tracepoints()
+    except OSError as exc:
+        raise Fatal("cannot attach to a tracepoint: %s" % exc.strerror)
     return bpf, parsers
 
 
-def load_program(bcc, bpf, functions):
-    """Loads (name, kind, tail-call table) functions; a function with a
+def load_program(bpf, functions):
+    """Loads (name, type, tail-call table) functions; a function with a
     table becomes what that table's tail call runs."""
-    try:
-        for name, kind, table in functions:
-            fn = bpf.load_func(name, kind)
-            if table:
-                bpf[table][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
-    except Exception as exc:
-        raise Fatal("the kernel rejected the BPF program: %s" %
-                    str(exc).splitlines()[0])
+    for name, kind, table in functions:
+        fd = bpf.load(name, kind)
+        if table:
+            bpf[table][ctypes.c_int(0)] = ctypes.c_int(fd)
 
 
 def in_background(work, *args):
@@ -3822,7 +4130,7 @@ def in_background(work, *args):
 class Tracer:
     """Owns the BPF object, the event loop and the outputs."""
 
-    def __init__(self, args, bcc, out, known=None, looked_at=()):
+    def __init__(self, args, out, known=None, looked_at=()):
         self.args = args
         self.looked_at = looked_at
         self.known = known if known is not None else set()
@@ -3841,7 +4149,6 @@ class Tracer:
         self.stop = False
         self.lost_reported = 0
         self.json = args.json
-        self.bcc = bcc
         self.bpf = None
         self.error = None
         self.plain = plain_method(args)
@@ -3861,6 +4168,7 @@ class Tracer:
 
     def load(self, libraries, compiled, layout):
         self.bpf, parsers = compiled
+        progress("  BPF program: %s" % self.bpf.origin)
         attached = attach_probes(self.bpf, libraries)
         parsers()
         if not attached:
@@ -3883,7 +4191,7 @@ class Tracer:
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
         self.arm_file_filter(layout)
-        self.bpf["records"].open_ring_buffer(self.on_record)
+        self.bpf.open_ring_buffer("records", self.on_record)
         return attached
 
     def attach_tcp_probes(self, to_port):
@@ -3896,10 +4204,10 @@ class Tracer:
                 ("tcp_sendmsg", "tcp_send_enter", "tcp_send_return"),
                 ("tcp_sendpage", "tcp_sendpage_enter", "tcp_send_return")):
             try:
-                self.bpf.attach_kretprobe(event=function, fn_name=leave)
-                self.bpf.attach_kprobe(event=function, fn_name=enter)
+                self.bpf.attach_kprobe(function, leave, is_return=True)
+                self.bpf.attach_kprobe(function, enter)
                 probed.append(function)
-            except Exception:
+            except OSError:
                 continue
         if "tcp_sendmsg" not in probed or "tcp_recvmsg" not in probed:
             raise Fatal("plain HTTP: cannot attach kprobes to tcp_sendmsg "
@@ -3927,12 +4235,11 @@ class Tracer:
                          "tls_device_sendmsg", "tls_device_sendpage"):
             # The return first: no send is seen starting without its end.
             try:
-                self.bpf.attach_kretprobe(event=function,
-                                          fn_name="ktls_send_return")
-                self.bpf.attach_kprobe(event=function,
-                                       fn_name="ktls_send_enter")
+                self.bpf.attach_kprobe(function, "ktls_send_return",
+                                       is_return=True)
+                self.bpf.attach_kprobe(function, "ktls_send_enter")
                 probed.append(function)
-            except Exception:
+            except OSError:
                 continue
         progress("  kernel TLS: %s" % (
             "every send past the library counted (kprobes on %s)" %
@@ -4218,7 +4525,7 @@ def main(argv=None):
             raise Fatal("no TLS library found (looked for %s); give one with "
                         "--libssl/--libgnutls/--libnss" %
                         ", ".join(selected_families(args)))
-        tracer = Tracer(args, bcc, out, known, looked_at)
+        tracer = Tracer(args, out, known, looked_at)
         if args.prometheus_port:
             tracer.prometheus = PrometheusOutput(args.max_label_values)
             try:

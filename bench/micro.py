@@ -91,7 +91,7 @@ def records(n, seed=1):
 
 def tracer(argv):
     args = s.parse_args(argv)
-    t = s.Tracer(args, None, open(os.devnull, "w"))
+    t = s.Tracer(args, open(os.devnull, "w"))
     if args.prometheus_port:
         t.prometheus = s.PrometheusOutput(args.max_label_values)
     return t

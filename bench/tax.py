@@ -5,8 +5,10 @@ fast it starts and stops.
   syscall tax   dd if=/dev/zero of=/dev/null bs=1 count=N: ns per read or
                 write syscall with no tracer, with ./s3slower.py (default:
                 plain HTTP off) and with ./s3slower.py --plain
-  start         launch to the "Tracing" line on stderr (warm ELF-scan cache,
-                default options, no earlier tracer still releasing probes)
+  start         launch to the "Tracing" line on stderr (default options, no
+                earlier tracer still releasing probes): warm (ELF-scan cache
+                and compiled BPF image from the last start), and once cold
+                (the compiled image removed: BCC compiles the program)
   exit          SIGTERM to exit; and `s3slower.py | head -n 1` while
                 requests flow: head's exit to the tracer's
 
@@ -40,6 +42,17 @@ def start_tracer(*args, stdout=subprocess.DEVNULL):
     # keep draining stderr so the tracer never blocks on it
     threading.Thread(target=proc.stderr.read, daemon=True).start()
     return proc, time.monotonic() - started
+
+
+def default_image():
+    """Where the default options' compiled BPF image is kept."""
+    sys.path.insert(0, os.path.dirname(TOOL))
+    import bcc
+    import s3slower
+    args = s3slower.parse_args([])
+    return s3slower.IMAGE_CACHE.path(bcc, s3slower.bpf_program(
+        args.pid, args.comm, ringbuf_pages=args.ringbuf_pages,
+        plain=s3slower.plain_method(args), port=args.port))
 
 
 def dd_ns_per_syscall(count):
@@ -127,14 +140,21 @@ def main():
             stops.append(stop_seconds(proc))
         probes_released()
         heads.append(head_exit_seconds())
+    probes_released()
+    image = default_image()
+    if os.path.exists(image):
+        os.unlink(image)
+    proc, cold = start_tracer()
+    stop_seconds(proc)
     none = statistics.median(tax["none"])
     print("syscall tax (dd bs=1, ns per read/write syscall, median of %d):"
           % args.rounds)
     for name, values in tax.items():
         m = statistics.median(values)
         print("  %-18s %7.1f ns  %5.2fx" % (name, m, m / none))
-    print("start to Tracing:  median %.2f s (min %.2f, max %.2f)" % (
-        statistics.median(starts), min(starts), max(starts)))
+    print("start to Tracing:  median %.2f s (min %.2f, max %.2f) warm; "
+          "%.2f s cold (compiling)" % (statistics.median(starts), min(starts),
+                                       max(starts), cold))
     print("SIGTERM to exit:   median %.3f s (max %.3f)" % (
         statistics.median(stops), max(stops)))
     print("| head -n 1 exit:  median %.3f s after head (max %.3f)" % (

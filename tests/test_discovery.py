@@ -185,3 +185,43 @@ def test_libssl_only_under_a_private_mount_namespace(s3_server, clients):
         if t:
             t.stop()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_probes_go_to_the_file_offsets_bcc_would_use(clients):
+    """Uprobes are placed by file offset; symbols give virtual addresses.
+    They differ in a non-PIE executable (Debian's rclone, the static client
+    built -no-pie): for seeded random functions of several files, the plan's
+    offset must be BCC's own translation."""
+    require_bpf()
+    import random
+    from bcc import BPF
+    seed = int(os.environ.get("S3SLOWER_OFFSET_SEED") or
+               random.randrange(1 << 30))
+    rng = random.Random(seed)
+    nopie = os.path.join(os.path.dirname(clients["static"]), "tls-nopie")
+    subprocess.run(["cc", "-O1", "-no-pie", SOURCE, "-o", nopie, "-lssl",
+                    "-lcrypto"], check=True, capture_output=True)
+    files = [SYSTEM_LIBSSL, clients["static"], nopie]
+    if shutil.which("rclone"):
+        files.append(os.path.realpath(shutil.which("rclone")))
+    for path in files:
+        listed = subprocess.run(["nm", "--defined-only", path],
+                                capture_output=True, text=True).stdout
+        if not listed.strip():
+            listed = subprocess.run(["nm", "-D", "--defined-only", path],
+                                    capture_output=True, text=True).stdout
+        names = sorted({line.split()[2].split("@")[0]
+                        for line in listed.splitlines()
+                        if len(line.split()) == 3 and
+                        line.split()[1] in "Tt"})
+        assert names, path
+        picked = rng.sample(names, min(25, len(names)))
+        symbols = s.elf_symbols(path, picked)
+        plan = [["h", name, symbols[name][0], False] for name in picked
+                if name in symbols and symbols[name][0]]
+        assert plan, (path, picked)
+        for (_, name, offset, _), (_, _, address, _) in zip(
+                s.in_file(path, plan), plan):
+            _, expected = BPF._check_path_symbol(path.encode(), b"", address,
+                                                 -1, 0)
+            assert offset == expected, (path, name, hex(address), seed)
