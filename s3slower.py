@@ -27,10 +27,12 @@
 # Copyright (c) 2026 The s3slower authors. Licensed under the MIT License.
 
 import argparse
+import bisect
 import ctypes
 import datetime
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -3002,12 +3004,12 @@ Record = namedtuple("Record", "req_start req_end resp_start resp_end "
 
 def decode_record(raw):
     """Record from the bytes of one ring buffer record (or map value)."""
-    fields = list(RECORD_HEAD.unpack_from(raw))
-    req_cap, resp_cap = fields[13], fields[14]
-    fields[18] = fields[18].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return Record(*fields,
-                  bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + resp_cap]),
-                  bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + req_cap]))
+    fields = RECORD_HEAD.unpack_from(raw)
+    return Record._make(fields[:18] + (
+        fields[18].split(b"\0", 1)[0].decode("utf-8", "replace"),) +
+        fields[19:] + (
+        bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + fields[14]]),
+        bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + fields[13]])))
 
 
 # ---------------------------------------------------------------------------
@@ -3403,8 +3405,8 @@ class LatencyHistogram:
     def bucket(self, value):
         if value <= self.MIN_VALUE:
             return 0
-        return max(1, math.ceil(math.log(value / self.MIN_VALUE) /
-                                self.log_gamma))
+        index = math.ceil(math.log(value / self.MIN_VALUE) / self.log_gamma)
+        return index if index > 1 else 1
 
     def add(self, value, bucket=None):
         """bucket: self.bucket(value), when the caller knows it already."""
@@ -3462,19 +3464,24 @@ class RowStats:
     def samples(cls, request):
         """(value, bucket) of a request's latency, server and transfer
         times, or None: worked out once for all the rows it counts in."""
-        return tuple(None if value is None else
-                     (value, cls.BUCKETS.bucket(value))
-                     for value in (request.latency_ms, request.server_ms,
-                                   request.transfer_ms))
+        bucket = cls.BUCKETS.bucket
+        latency, server, transfer = \
+            request.latency_ms, request.server_ms, request.transfer_ms
+        return (None if latency is None else (latency, bucket(latency)),
+                None if server is None else (server, bucket(server)),
+                None if transfer is None else (transfer, bucket(transfer)))
 
     def add(self, request, samples=None):
         self.count += 1
         if request.new_conn:
             self.new_conns += 1
-        for hist, sample in zip((self.latency, self.server, self.transfer),
-                                samples or self.samples(request)):
-            if sample is not None:
-                hist.add(*sample)
+        latency, server, transfer = samples or self.samples(request)
+        if latency is not None:
+            self.latency.add(*latency)
+        if server is not None:
+            self.server.add(*server)
+        if transfer is not None:
+            self.transfer.add(*transfer)
         if not request.complete:
             self.incomplete += 1
         elif request.status is None or request.status >= 400:
@@ -3574,16 +3581,18 @@ class Statistics:
 
     def add(self, request, samples=None):
         samples = samples or RowStats.samples(request)
-        endpoint = request.endpoint or request.host or "-"
-        for kind, table in self.tables.items():
-            if kind == "method":
-                table.add(request.host or "-", request.method or "-", request,
-                          samples)
-            elif kind == "op" and request.op:
-                table.add(endpoint, request.op, request, samples)
-            elif kind == "bucket" and request.bucket:
-                host, bucket = self.cap.pair(endpoint, request.bucket)
-                table.add(host, bucket, request, samples)
+        tables = self.tables
+        if "method" in tables:
+            tables["method"].rows[(request.host or "-",
+                                   request.method or "-")].add(request,
+                                                               samples)
+        if "op" in tables and request.op:
+            tables["op"].rows[(request.endpoint or request.host or "-",
+                               request.op)].add(request, samples)
+        if "bucket" in tables and request.bucket:
+            tables["bucket"].add(*self.cap.pair(
+                request.endpoint or request.host or "-", request.bucket),
+                request, samples)
 
     def render(self):
         parts = [self.tables[kind].render(*self.TABLES[kind])
@@ -3723,11 +3732,30 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 
 class PrometheusOutput:
-    """Metrics for one registry, served by prometheus_client."""
+    """Metrics for one registry, served by prometheus_client. Requests are
+    summed here, per series, and become metric families when the registry
+    is scraped: prometheus_client's own metrics take a lock and search the
+    buckets at every observation, which cost more than the rest of a
+    request."""
+
+    LABELS = ("host", "method", "op", "bucket")
+    # (name, help, Request field in ms): one histogram each.
+    HISTOGRAMS = (
+        ("s3slower_request_duration_seconds",
+         "Request latency: first byte written to last byte read.",
+         "latency_ms"),
+        ("s3slower_time_to_first_byte_seconds",
+         "First byte of the request written to first byte of the response.",
+         "ttfb_ms"),
+        ("s3slower_server_seconds",
+         "Last byte of the request written to first byte of the response: "
+         "the server's share.", "server_ms"),
+        ("s3slower_transfer_seconds",
+         "Time moving the request and response bodies: latency less the "
+         "server's share.", "transfer_ms"))
 
     def __init__(self, max_label_values, registry=None):
-        from prometheus_client import (CollectorRegistry, Counter, Gauge,
-                                       Histogram)
+        from prometheus_client import CollectorRegistry, Counter, Gauge
         from prometheus_client import ProcessCollector, PlatformCollector
         if registry is None:
             registry = CollectorRegistry()
@@ -3735,44 +3763,18 @@ class PrometheusOutput:
             PlatformCollector(registry=registry)
         self.registry = registry
         self.cap = LabelCap(max_label_values)
-        self.children = {}      # (metric, label values): its child
-        labels = ("host", "method", "op", "bucket")
-        self.duration = Histogram(
-            "s3slower_request_duration_seconds",
-            "Request latency: first byte written to last byte read.",
-            labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttfb = Histogram(
-            "s3slower_time_to_first_byte_seconds",
-            "First byte of the request written to first byte of the response.",
-            labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.server = Histogram(
-            "s3slower_server_seconds",
-            "Last byte of the request written to first byte of the response: "
-            "the server's share.", labels, buckets=LATENCY_BUCKETS,
-            registry=registry)
-        self.transfer = Histogram(
-            "s3slower_transfer_seconds",
-            "Time moving the request and response bodies: latency less the "
-            "server's share.", labels, buckets=LATENCY_BUCKETS,
-            registry=registry)
-        self.retransmits = Counter(
-            "s3slower_retransmits", "TCP segments retransmitted during "
-            "requests.", ("host",), registry=registry)
-        self.requests = Counter(
-            "s3slower_requests", "Requests seen.", labels + ("status",),
-            registry=registry)
-        self.req_bytes = Counter(
-            "s3slower_request_bytes", "Request body bytes sent.", labels,
-            registry=registry)
-        self.resp_bytes = Counter(
-            "s3slower_response_bytes", "Response body bytes received.",
-            labels, registry=registry)
+        self.requests = defaultdict(int)    # label values + (status,)
+        # Label values: [request bytes, response bytes, then per histogram
+        # a count per bucket (+Inf last) and the sum in ms].
+        self.series = {}
+        self.retransmits = defaultdict(int)     # by host
         self.lost = Counter(
             "s3slower_lost_events", "Kernel events lost (ring buffer full).",
             registry=registry)
         self.probes = Gauge(
             "s3slower_attached_probes", "Uprobes attached, per family.",
             ("lib",), registry=registry)
+        registry.register(self)
 
     def add(self, request):
         host, bucket = self.cap.pair(request.endpoint or request.host,
@@ -3782,28 +3784,62 @@ class PrometheusOutput:
             str(request.status) if request.status else "none"
         values = (host, request.method or "none", request.op or "none",
                   bucket)
-        child = self.child
-        child(self.requests, values + (status,)).inc()
-        for metric, value in ((self.duration, request.latency_ms),
-                              (self.ttfb, request.ttfb_ms),
-                              (self.server, request.server_ms),
-                              (self.transfer, request.transfer_ms)):
+        self.requests[values + (status,)] += 1
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = [0, 0] + [
+                [0] * (len(LATENCY_BUCKETS) + 2) for _ in self.HISTOGRAMS]
+        series[0] += request.req_bytes or 0
+        series[1] += request.resp_bytes or 0
+        for histogram, value in zip(series[2:], (
+                request.latency_ms, request.ttfb_ms, request.server_ms,
+                request.transfer_ms)):
             if value is not None:
-                child(metric, values).observe(value / 1e3)
+                histogram[bisect.bisect_left(LATENCY_BUCKETS,
+                                             value / 1e3)] += 1
+                histogram[-1] += value
         if request.retrans:
-            child(self.retransmits, (host,)).inc(request.retrans)
-        if request.req_bytes:
-            child(self.req_bytes, values).inc(request.req_bytes)
-        if request.resp_bytes:
-            child(self.resp_bytes, values).inc(request.resp_bytes)
+            self.retransmits[host] += request.retrans
 
-    def child(self, metric, values):
-        """metric.labels(*values), the costly part of an update, once per
-        series (as many as the capped label values allow)."""
-        found = self.children.get((metric, values))
-        if found is None:
-            found = self.children[(metric, values)] = metric.labels(*values)
-        return found
+    def collect(self):
+        """The registry's scrape (in the server's thread): copies taken
+        under the GIL, a count derived from its buckets."""
+        from prometheus_client.core import (CounterMetricFamily,
+                                            HistogramMetricFamily)
+        from prometheus_client.utils import floatToGoString
+        family = CounterMetricFamily("s3slower_requests", "Requests seen.",
+                                     labels=self.LABELS + ("status",))
+        for values, count in list(self.requests.items()):
+            family.add_metric(values, count)
+        yield family
+        series = [(values, [list(part) if isinstance(part, list) else part
+                            for part in parts])
+                  for values, parts in list(self.series.items())]
+        for index, (name, text) in enumerate((
+                ("s3slower_request_bytes", "Request body bytes sent."),
+                ("s3slower_response_bytes",
+                 "Response body bytes received."))):
+            family = CounterMetricFamily(name, text, labels=self.LABELS)
+            for values, parts in series:
+                if parts[index]:
+                    family.add_metric(values, parts[index])
+            yield family
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for index, (name, text, _field) in enumerate(self.HISTOGRAMS):
+            family = HistogramMetricFamily(name, text, labels=self.LABELS)
+            for values, parts in series:
+                histogram = parts[2 + index]
+                counts = list(itertools.accumulate(histogram[:-1]))
+                if counts[-1]:
+                    family.add_metric(values, list(zip(bounds, counts)),
+                                      histogram[-1] / 1e3)
+            yield family
+        family = CounterMetricFamily(
+            "s3slower_retransmits",
+            "TCP segments retransmitted during requests.", labels=("host",))
+        for host, count in list(self.retransmits.items()):
+            family.add_metric((host,), count)
+        yield family
 
     def serve(self, port, addr):
         from prometheus_client import start_http_server
@@ -4279,21 +4315,21 @@ class Tracer:
         # for run() to re-raise once the poll returns.
         try:
             rec = decode_record(ctypes.string_at(data, size))
-            if rec.type in (REC_EXEC, REC_MAP):
-                self.new_files += 1
-            else:
+            if rec.type == REC_REQUEST:
                 self.records += 1
-            if rec.type == REC_EXIT:
+                self.report(build_request(rec, self.args.endpoint,
+                                          ids=self.json))
+            elif rec.type == REC_EXIT:
+                self.records += 1
                 self.sweep(rec.tgid)
             elif rec.type == REC_EXEC:
+                self.new_files += 1
                 path = rec.req_data.decode("utf-8", "surrogateescape")
                 self.look_at(rec.tgid, (rec.req_start, "exec"),
                              [path] if path.startswith("/") else [])
             elif rec.type == REC_MAP:
+                self.new_files += 1
                 self.look_at(rec.tgid, (rec.req_start, "mmap"))
-            else:
-                self.report(build_request(rec, self.args.endpoint,
-                                          ids=self.json))
         except BaseException as exc:
             self.error = self.error or exc
             self.stop = True
@@ -4323,7 +4359,8 @@ class Tracer:
             self.incomplete += 1
         if not request_matches(request, self.args) or \
                 (request.method is None and not self.args.include_unknown) \
-                or (request.host or "").lower() in self.own_hosts:
+                or self.own_hosts and \
+                (request.host or "").lower() in self.own_hosts:
             return
         self.reported += 1
         samples = RowStats.samples(request)

@@ -81,6 +81,84 @@ def test_exposition_passes_promtool():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_exposition_counts_generated_requests_exactly():
+    """Generated requests (times on bucket bounds and between, unknown
+    times, incomplete ones, bytes, retransmissions) against counts worked
+    out here from the requests themselves."""
+    import random
+    from collections import Counter, defaultdict
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+    seed = int(os.environ.get("S3SLOWER_METRICS_SEED") or
+               random.randrange(1 << 30))
+    rng = random.Random(seed)
+    # Label values under the cap: test_label_cardinality_stays_under_the_cap
+    # covers what is folded into "other".
+    prometheus = s.PrometheusOutput(100, registry=CollectorRegistry())
+
+    def a_time():
+        bound = rng.choice(s.LATENCY_BUCKETS) * 1e3
+        return rng.choice([None, bound, bound * (1 + 1e-9), bound * 0.999,
+                           rng.uniform(0.01, 200000.0)])
+    expected = defaultdict(Counter)
+    for i in range(rng.randrange(200, 2000)):
+        complete = rng.random() > 0.1
+        status = rng.choice([200, 206, 404, 503, None])
+        req = s.Request(
+            0, 1, 1, "c", "openssl", "h%d" % rng.randrange(3), None,
+            rng.choice(["GET", "PUT", None]), "/b/k",
+            rng.choice(["b1", "b2", None]), "k",
+            rng.choice(["GetObject", "PutObject", None]), status,
+            rng.choice([0, None, rng.randrange(1 << 30)]),
+            rng.choice([0, None, rng.randrange(1 << 30)]), a_time(),
+            a_time() if complete else None, a_time(), None, None, complete,
+            transfer_ms=a_time(), retrans=rng.choice([0, 0, 3]))
+        prometheus.add(req)
+        labels = (("bucket", req.bucket or "none"), ("host", req.host),
+                  ("method", req.method or "none"), ("op", req.op or "none"))
+        state = "incomplete" if not complete else \
+            str(status) if status else "none"
+        expected["s3slower_requests_total"][labels + (("status", state),)] \
+            += 1
+        for name, value in (("s3slower_request_bytes_total", req.req_bytes),
+                            ("s3slower_response_bytes_total",
+                             req.resp_bytes)):
+            if value:
+                expected[name][labels] += value
+        for name, value in (
+                ("s3slower_request_duration_seconds", req.latency_ms),
+                ("s3slower_time_to_first_byte_seconds", req.ttfb_ms),
+                ("s3slower_server_seconds", req.server_ms),
+                ("s3slower_transfer_seconds", req.transfer_ms)):
+            if value is None:
+                continue
+            expected[name + "_count"][labels] += 1
+            for bound in s.LATENCY_BUCKETS + (float("inf"),):
+                if value / 1e3 <= bound:
+                    expected[name + "_bucket"][tuple(sorted(labels + (
+                        ("le", "+Inf" if bound == float("inf") else
+                         str(bound)),)))] += 1
+            expected[name + "_sum"][labels] += value / 1e3
+        if req.retrans:
+            expected["s3slower_retransmits_total"][(("host", req.host),)] \
+                += req.retrans
+    got = defaultdict(Counter)
+    for family in text_string_to_metric_families(metrics_text(prometheus)):
+        for sample in family.samples:
+            if sample.name.startswith("s3slower_") and \
+                    not sample.name.endswith("_created"):
+                got[sample.name][tuple(sorted(sample.labels.items()))] = \
+                    sample.value
+    for name in expected:
+        if name.endswith("_sum"):
+            for key, value in expected[name].items():
+                assert abs(got[name][key] - value) <= 1e-9 * value + 1e-9, \
+                    (name, key, seed)
+        else:
+            assert got[name] == expected[name], (name, seed)
+    assert set(got) - set(expected) <= {"s3slower_lost_events_total"}, seed
+
+
 def prometheus_query(port, query):
     url = "http://127.0.0.1:%d/api/v1/query?query=%s" % (
         port, urllib.parse.quote(query))
