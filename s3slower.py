@@ -35,6 +35,7 @@ import glob
 import itertools
 import json
 import math
+import operator
 import os
 import re
 import select
@@ -2725,8 +2726,7 @@ IMAGE_VERSION = 1
 
 
 def compile_image(bcc, text):
-    """(image, BCC's BPF object): the object owns the maps it created, the
-    image names their descriptors in map_fds."""
+    """(image, BCC's BPF object, which owns the maps it created)."""
     try:
         bpf = bcc.BPF(text=text.encode())
     except Exception as exc:
@@ -2771,9 +2771,7 @@ def compile_image(bcc, text):
         functions[name.decode()] = dict(code=code.hex(), maps=references)
     image = dict(version=IMAGE_VERSION, functions=functions, maps=maps,
                  license=lib.bpf_module_license(module).decode(),
-                 kern_version=lib.bpf_module_kern_version(module),
-                 map_fds=[lib.bpf_table_fd_id(module, i)
-                          for i in range(len(maps))])
+                 kern_version=lib.bpf_module_kern_version(module))
     return image, bpf
 
 
@@ -2811,12 +2809,11 @@ class ImageCache:
 
     def put(self, bcc, text, image):
         path = self.path(bcc, text)
-        saved = dict(image, map_fds=None)
         try:
             os.makedirs(self.directory, mode=0o755, exist_ok=True)
             with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT |
                               os.O_TRUNC, 0o644), "w") as f:
-                json.dump(saved, f)
+                json.dump(image, f)
             os.replace(path + ".tmp", path)
             images = sorted(glob.glob(os.path.join(self.directory,
                                                    "bpf-*.json")),
@@ -2872,7 +2869,7 @@ class BpfObject:
     (or BCC's, just compiled), functions loaded on first use with their map
     references filled in, probes attached, the ring buffer read."""
 
-    def __init__(self, bcc, image, compiler=None):
+    def __init__(self, bcc, image, compiler=None, origin="compiled"):
         self.lib = lib = bcc.libbcc.lib
         lib.bcc_create_map.argtypes = [ctypes.c_int, ctypes.c_char_p] + \
             [ctypes.c_int] * 4
@@ -2882,13 +2879,18 @@ class BpfObject:
             ctypes.c_uint]
         self.image = image
         self.compiler = compiler    # BCC's object owns its maps: keep it
+        self.origin = origin        # how it came to be, for the start-up
         self.decode_type = bcc.BPF._decode_table_type
         self.ring_callback_type = bcc.libbcc._RINGBUF_CB_TYPE
-        self.map_fds = image.get("map_fds") or [
-            self.create_map(definition) for definition in image["maps"]]
+        if compiler:
+            self.map_fds = [lib.bpf_table_fd(compiler.module,
+                                             definition["name"].encode())
+                            for definition in image["maps"]]
+        else:
+            self.map_fds = [self.create_map(definition)
+                            for definition in image["maps"]]
         self.map_index = {definition["name"]: i
                           for i, definition in enumerate(image["maps"])}
-        self.origin = "compiled"
         self.functions = {}
         self.tables = {}
         self.links = []             # the perf events of attached probes
@@ -3581,18 +3583,16 @@ class Statistics:
 
     def add(self, request, samples=None):
         samples = samples or RowStats.samples(request)
-        tables = self.tables
-        if "method" in tables:
-            tables["method"].rows[(request.host or "-",
-                                   request.method or "-")].add(request,
-                                                               samples)
-        if "op" in tables and request.op:
-            tables["op"].rows[(request.endpoint or request.host or "-",
-                               request.op)].add(request, samples)
-        if "bucket" in tables and request.bucket:
-            tables["bucket"].add(*self.cap.pair(
-                request.endpoint or request.host or "-", request.bucket),
-                request, samples)
+        endpoint = request.endpoint or request.host or "-"
+        for kind, table in self.tables.items():
+            if kind == "method":
+                table.add(request.host or "-", request.method or "-", request,
+                          samples)
+            elif kind == "op" and request.op:
+                table.add(endpoint, request.op, request, samples)
+            elif kind == "bucket" and request.bucket:
+                host, bucket = self.cap.pair(endpoint, request.bucket)
+                table.add(host, bucket, request, samples)
 
     def render(self):
         parts = [self.tables[kind].render(*self.TABLES[kind])
@@ -3731,6 +3731,25 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+class MetricSeries:
+    """One series' sums: body bytes both ways, and per histogram a count
+    per bucket (+Inf last) followed by the sum of the times in ms."""
+
+    __slots__ = ("req_bytes", "resp_bytes", "histograms")
+
+    def __init__(self, histograms):
+        self.req_bytes = self.resp_bytes = 0
+        self.histograms = [[0] * (len(LATENCY_BUCKETS) + 2)
+                           for _ in range(histograms)]
+
+    def copy(self):
+        """A copy a scrape can read while requests are added."""
+        other = MetricSeries(0)
+        other.req_bytes, other.resp_bytes = self.req_bytes, self.resp_bytes
+        other.histograms = [list(h) for h in self.histograms]
+        return other
+
+
 class PrometheusOutput:
     """Metrics for one registry, served by prometheus_client. Requests are
     summed here, per series, and become metric families when the registry
@@ -3764,9 +3783,9 @@ class PrometheusOutput:
         self.registry = registry
         self.cap = LabelCap(max_label_values)
         self.requests = defaultdict(int)    # label values + (status,)
-        # Label values: [request bytes, response bytes, then per histogram
-        # a count per bucket (+Inf last) and the sum in ms].
-        self.series = {}
+        self.series = {}                    # label values: MetricSeries
+        self.times = operator.attrgetter(
+            *(field for _, _, field in self.HISTOGRAMS))
         self.retransmits = defaultdict(int)     # by host
         self.lost = Counter(
             "s3slower_lost_events", "Kernel events lost (ring buffer full).",
@@ -3787,13 +3806,10 @@ class PrometheusOutput:
         self.requests[values + (status,)] += 1
         series = self.series.get(values)
         if series is None:
-            series = self.series[values] = [0, 0] + [
-                [0] * (len(LATENCY_BUCKETS) + 2) for _ in self.HISTOGRAMS]
-        series[0] += request.req_bytes or 0
-        series[1] += request.resp_bytes or 0
-        for histogram, value in zip(series[2:], (
-                request.latency_ms, request.ttfb_ms, request.server_ms,
-                request.transfer_ms)):
+            series = self.series[values] = MetricSeries(len(self.HISTOGRAMS))
+        series.req_bytes += request.req_bytes or 0
+        series.resp_bytes += request.resp_bytes or 0
+        for histogram, value in zip(series.histograms, self.times(request)):
             if value is not None:
                 histogram[bisect.bisect_left(LATENCY_BUCKETS,
                                              value / 1e3)] += 1
@@ -3812,23 +3828,23 @@ class PrometheusOutput:
         for values, count in list(self.requests.items()):
             family.add_metric(values, count)
         yield family
-        series = [(values, [list(part) if isinstance(part, list) else part
-                            for part in parts])
-                  for values, parts in list(self.series.items())]
-        for index, (name, text) in enumerate((
-                ("s3slower_request_bytes", "Request body bytes sent."),
-                ("s3slower_response_bytes",
-                 "Response body bytes received."))):
+        series = [(values, one.copy())
+                  for values, one in list(self.series.items())]
+        for name, text, field in (
+                ("s3slower_request_bytes", "Request body bytes sent.",
+                 "req_bytes"),
+                ("s3slower_response_bytes", "Response body bytes received.",
+                 "resp_bytes")):
             family = CounterMetricFamily(name, text, labels=self.LABELS)
-            for values, parts in series:
-                if parts[index]:
-                    family.add_metric(values, parts[index])
+            for values, one in series:
+                if getattr(one, field):
+                    family.add_metric(values, getattr(one, field))
             yield family
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for index, (name, text, _field) in enumerate(self.HISTOGRAMS):
             family = HistogramMetricFamily(name, text, labels=self.LABELS)
-            for values, parts in series:
-                histogram = parts[2 + index]
+            for values, one in series:
+                histogram = one.histograms[index]
                 counts = list(itertools.accumulate(histogram[:-1]))
                 if counts[-1]:
                     family.add_metric(values, list(zip(bounds, counts)),
@@ -4107,8 +4123,7 @@ def compile_program(bcc, args):
         IMAGE_CACHE.put(bcc, text, image)
         origin = "compiled in %.1f s (kept for the next start)" % (
             time.monotonic() - started)
-    bpf = BpfObject(bcc, image, compiler)
-    bpf.origin = origin
+    bpf = BpfObject(bcc, image, compiler, origin)
     tables = bpf["dfa"]
     tables[ctypes.c_int(0)] = tables.Leaf.from_buffer_copy(b"".join(
         DFA[name] for name in ("byte_class", "next", "acc_mul", "acc_add",

@@ -165,7 +165,8 @@ static long body_splice(int sock, int file, long size)
     return sent;
 }
 
-/* The body in 64 KiB pieces, each sent on the socket by send_piece. */
+/* The body in 64 KiB pieces, each sent by send_piece (on the socket, or
+ * through the SSL object in arg). */
 static long body_pieces(int sock, int file, long size,
                         long (*send_piece)(int, const char *, long, void *),
                         void *arg)
@@ -215,18 +216,11 @@ static long body_uring_send(int sock, int file, long size)
     return sent;
 }
 
-static long body_write(SSL *ssl, int file, long size)
+static long piece_ssl_write(int sock, const char *buf, long len, void *arg)
 {
-    static char buf[1 << 16];
-    long sent = 0;
-    while (sent < size) {
-        ssize_t n = pread(file, buf, sizeof buf, sent);
-        if (n <= 0)
-            die(2, "read body file");
-        ssl_write_all(ssl, buf, n);
-        sent += n;
-    }
-    return sent;
+    (void)sock;
+    ssl_write_all(arg, buf, len);
+    return len;
 }
 
 /* --- the response ------------------------------------------------------- */
@@ -369,7 +363,7 @@ int main(int argc, char **argv)
             else if (!strcmp(mode, "uringsend"))
                 sent = body_uring_send(sock, body_fd, size);
             else
-                sent = body_write(ssl, body_fd, size);
+                sent = body_pieces(sock, body_fd, size, piece_ssl_write, ssl);
         }
         int status = 0;
         long resp = 0;
