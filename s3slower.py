@@ -32,6 +32,7 @@ import ctypes
 import datetime
 import functools
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -2786,7 +2787,6 @@ class ImageCache:
         self.directory = directory
 
     def path(self, bcc, text):
-        import hashlib
         uname = os.uname()
         key = hashlib.sha256("\0".join((
             text, str(IMAGE_VERSION), getattr(bcc, "__version__", "?"),
@@ -2795,12 +2795,12 @@ class ImageCache:
                             "bpf-%s.json" % key.hexdigest()[:32])
 
     def get(self, bcc, text):
-        """The image, if one was kept, and only root could have written it
-        (it becomes kernel code)."""
+        """The image, if one was kept and only root (or we) could have
+        written it: it becomes kernel code."""
         try:
             with open(self.path(bcc, text)) as f:
                 st = os.fstat(f.fileno())
-                if st.st_uid != 0 or st.st_mode & 0o022:
+                if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
                     return None
                 image = json.load(f)
             return image if image.get("version") == IMAGE_VERSION else None
