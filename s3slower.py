@@ -3020,42 +3020,60 @@ def decode_record(raw):
 
 RequestHead = namedtuple("RequestHead", "method target headers")
 
-# What naming a request and its answer needs from their heads: the rest of
-# a head is never decoded.
+# What naming a request and its answer may need from their heads: the rest
+# of a head is never decoded.
 WANTED_HEADERS = ("host", "x-amz-copy-source", "content-type",
                   "x-amz-request-id", "x-amz-error-code")
-_REQUEST_LINE = re.compile(rb"([A-Z]+) ([^ \r\n]+) HTTP/[0-9.]+\r\n")
-_WANTED_HEADER = re.compile(rb"\n(%s)[ \t]*:[ \t]*([^\r\n]*)\r(?=\n)" %
-                            "|".join(WANTED_HEADERS).encode(), re.I)
+_REQUEST_LINE = re.compile(rb"(%s) ([^ \r\n]+) HTTP/[0-9.]+\r\n" %
+                           "|".join(HTTP_METHODS).encode())
+# A whole header line of a lowercased head: the name, then the value.
+_HEADER_LINE = {name: re.compile(rb"\n%s[ \t]*:[ \t]*([^\r\n]*)\r(?=\n)" %
+                                 re.escape(name.encode()))
+                for name in WANTED_HEADERS}
 
 
-def wanted_headers(data, start):
-    """{name: value} of the WANTED_HEADERS in the head whose header lines
-    start at data[start] (just past a CRLF): complete lines only, so a head
-    cut short gives what it has, and nothing past the head's end."""
-    end = data.find(b"\r\n\r\n", start - 2)
-    headers = {}
-    for name, value in _WANTED_HEADER.findall(
-            data[start - 1:end + 2] if end >= 0 else data[start - 1:]):
-        headers[name.decode().lower()] = value.decode("latin-1").rstrip(" \t")
-    return headers
+class HeadFields:
+    """The WANTED_HEADERS of one head, each looked for when asked for (an
+    output that prints no request id never pays for finding it). Whole
+    lines only, so a head cut short gives what it has, and nothing past
+    the head's end; of a repeated name, the last line wins."""
+
+    __slots__ = ("head", "lower")
+
+    def __init__(self, data, start):
+        """The header lines start at data[start], just past a CRLF."""
+        end = data.find(b"\r\n\r\n", start - 2)
+        self.head = data[start - 1:end + 2] if end >= 0 else data[start - 1:]
+        self.lower = self.head.lower()
+
+    def get(self, name, default=None):
+        line = None
+        for line in _HEADER_LINE[name].finditer(self.lower):
+            pass
+        if line is None:
+            return default
+        return self.head[line.start(1):line.end(1)].decode(
+            "latin-1").rstrip(" \t")
+
+    def __contains__(self, name):
+        return _HEADER_LINE[name].search(self.lower) is not None
 
 
 def parse_request_head(data):
     """RequestHead from bytes starting with a request line, else None."""
     line = _REQUEST_LINE.match(data)
-    if line is None or line.group(1).decode() not in HTTP_METHODS:
+    if line is None:
         return None
     return RequestHead(line.group(1).decode(), line.group(2).decode("latin-1"),
-                       wanted_headers(data, line.end()))
+                       HeadFields(data, line.end()))
 
 
 def response_headers(data):
-    """The WANTED_HEADERS of bytes starting with a status line, else None."""
+    """HeadFields of bytes starting with a status line, else None."""
     if not data.startswith(b"HTTP/"):
         return None
     line_end = data.find(b"\r\n")
-    return wanted_headers(data, line_end + 2) if line_end > 0 else None
+    return HeadFields(data, line_end + 2) if line_end > 0 else None
 
 
 # Query parameters whose values are secrets (compared lowercased).
@@ -3065,10 +3083,16 @@ SECRET_PARAMS = frozenset((
     "x-goog-signature", "x-goog-credential", "access_token", "token"))
 
 
+# A query that may name one of them: only such a query is taken apart.
+_MAY_NAME_SECRET = re.compile("(?:^|&)(?:%s)=" % "|".join(
+    re.escape(name) for name in SECRET_PARAMS))
+
+
 def redact_target(target):
     """The request target with secret query values replaced by REDACTED."""
     path, sep, query = target.partition("?")
-    if not sep:
+    if not sep or "%" not in query and \
+            not _MAY_NAME_SECRET.search(query.lower()):
         return target
     params = []
     for param in query.split("&"):
@@ -3117,16 +3141,13 @@ def split_host_port(host):
     return host, None
 
 
-def unquote_if_quoted(text):
-    return unquote(text) if "%" in text else text
-
-
 def parse_query(query):
+    """{name: value} of a query string: names unquoted and lowercased, as
+    S3 operations are named by them; values as sent."""
     params = {}
-    if query:
-        for part in query.split("&"):
-            name, _eq, value = part.partition("=")
-            params[unquote_if_quoted(name).lower()] = unquote_if_quoted(value)
+    for part in query.split("&"):
+        name, _eq, value = part.partition("=")
+        params[unquote(name).lower() if "%" in name else name.lower()] = value
     return params
 
 
@@ -3162,16 +3183,17 @@ def s3_target(host, target, endpoints=()):
     """
     endpoint, bucket = host_style(host or "", tuple(endpoints))
     path, _sep, query = target.partition("?")
-    if path.startswith("http://") or path.startswith("https://"):
+    if path[:1] != "/" and path.startswith(("http://", "https://")):
         path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else "/"
-    segments = path.lstrip("/")
+    path = path.lstrip("/")
     if bucket is None:
-        first, slash, rest = segments.partition("/")
-        bucket = unquote_if_quoted(first) or None
-        key = unquote_if_quoted(rest) if slash and rest else None
+        # Split first: an encoded slash belongs to its segment.
+        first, slash, rest = path.partition("/")
+        bucket = (unquote(first) if "%" in first else first) or None
+        key = (unquote(rest) if "%" in rest else rest) if rest else None
     else:
-        key = unquote_if_quoted(segments) or None
-    return S3Target(endpoint, bucket, key, parse_query(query))
+        key = (unquote(path) if "%" in path else path) or None
+    return S3Target(endpoint, bucket, key, parse_query(query) if query else {})
 
 
 def s3_operation(method, target, headers):
@@ -3311,11 +3333,18 @@ def slow_part(connect, tls, server, transfer, retrans):
     server's turnaround and the bytes' transfer. None when nothing is known."""
     if retrans:
         return "net"
-    parts = [(value, name) for value, name in ((connect, "conn"), (tls, "tls"),
-                                               (server, "server"),
-                                               (transfer, "xfer"))
-             if value is not None]
-    return max(parts)[1] if parts else None
+    largest, part = -math.inf, None
+    # In the names' order, so a tie goes to the last name, as max() would.
+    if connect is not None:
+        largest, part = connect, "conn"
+    if server is not None and server >= largest:
+        largest, part = server, "server"
+    if tls is not None and tls >= largest:
+        largest, part = tls, "tls"
+    if transfer is not None and transfer >= largest:
+        part = "xfer"
+    return part
+
 
 NS_PER_MS = 1e6
 
@@ -3328,27 +3357,28 @@ def build_request(rec, endpoints=(), ids=True):
      tgid, tid, seq, req_head, resp_head, status, _req_cap, _resp_cap, _type,
      lib, flags, comm, connect_start, connect_end, retrans_start, retrans_end,
      resp_data, req_data) = rec
-    complete = bool(flags & RF_COMPLETE)
+    complete = flags & RF_COMPLETE != 0
     req = parse_request_head(req_data)
-    method = host = path = op = None
-    endpoint = bucket = key = None
     if req is not None:
-        host = req.headers.get("host")
-        method, path = req.method, redact_target(req.target)
-        target = s3_target(host, req.target, endpoints)
-        endpoint, bucket, key, _query = target
-        op = s3_operation(method, target, req.headers)
-    resp = response_headers(resp_data) if resp_start and ids else None
+        method, target, headers = req
+        host = headers.get("host")
+        endpoint, bucket, key, _query = parsed = s3_target(host, target,
+                                                           endpoints)
+        path, op = redact_target(target), s3_operation(method, parsed, headers)
+    else:
+        method = host = path = op = endpoint = bucket = key = None
     if not 100 <= status <= 999:
         status = None
     request_id = error_code = None
-    if resp is not None:
-        request_id = resp.get("x-amz-request-id")
-        if status and status >= 300:
-            error_code = s3_error_code(resp_data[resp_head:]) or \
-                resp.get("x-amz-error-code")
     ttfb = server = latency = transfer = None
     if resp_start:
+        if ids:
+            resp = response_headers(resp_data)
+            if resp is not None:
+                request_id = resp.get("x-amz-request-id")
+                if status and status >= 300:
+                    error_code = s3_error_code(resp_data[resp_head:]) or \
+                        resp.get("x-amz-error-code")
         ttfb = (resp_start - req_start) / NS_PER_MS
         if resp_start >= req_end:
             server = (resp_start - req_end) / NS_PER_MS
@@ -3361,16 +3391,16 @@ def build_request(rec, endpoints=(), ids=True):
     else:
         resp_bytes = None
     connect = tls = retrans = None
-    socket_known = flags & RF_SOCKET
-    if socket_known and connect_start and connect_end >= connect_start:
-        connect = (connect_end - connect_start) / NS_PER_MS
-        if lib != LIB_PLAIN and req_start >= connect_end:
-            tls = (req_start - connect_end) / NS_PER_MS
+    if flags & RF_SOCKET:
+        if connect_start and connect_end >= connect_start:
+            connect = (connect_end - connect_start) / NS_PER_MS
+            if lib != LIB_PLAIN and req_start >= connect_end:
+                tls = (req_start - connect_end) / NS_PER_MS
+        if retrans_end >= retrans_start:
+            retrans = retrans_end - retrans_start
     # A first request opened its connection if we saw the connect; a later
     # one reused it; a first one on a connection older than us: unknown.
     new_conn = True if connect is not None else False if seq > 1 else None
-    if socket_known and retrans_end >= retrans_start:
-        retrans = retrans_end - retrans_start
     return Request(
         req_start, tgid, tid, comm, LIB_NAMES.get(lib, "unknown"), host,
         endpoint, method, path, bucket, key, op, status, req_bytes,
@@ -3404,21 +3434,19 @@ class LatencyHistogram:
         self.max = 0.0
         self.min = math.inf
 
-    def bucket(self, value):
-        if value <= self.MIN_VALUE:
-            return 0
-        index = math.ceil(math.log(value / self.MIN_VALUE) / self.log_gamma)
-        return index if index > 1 else 1
-
-    def add(self, value, bucket=None):
-        """bucket: self.bucket(value), when the caller knows it already."""
+    def add(self, value):
         self.count += 1
         self.total += value
         if value > self.max:
             self.max = value
         if value < self.min:
             self.min = value
-        self.buckets[self.bucket(value) if bucket is None else bucket] += 1
+        if value > self.MIN_VALUE:
+            index = math.ceil(math.log(value / self.MIN_VALUE) /
+                              self.log_gamma)
+            self.buckets[index if index > 1 else 1] += 1
+        else:
+            self.buckets[0] += 1
 
     def merge(self, other):
         for index, n in other.buckets.items():
@@ -3459,35 +3487,29 @@ class RowStats:
         self.transfer = LatencyHistogram()
         self.count = self.errors = self.incomplete = self.new_conns = 0
 
-    # Where a request's times go (RowStats.add's samples).
-    BUCKETS = LatencyHistogram()
-
-    @classmethod
-    def samples(cls, request):
-        """(value, bucket) of a request's latency, server and transfer
-        times, or None: worked out once for all the rows it counts in."""
-        bucket = cls.BUCKETS.bucket
-        latency, server, transfer = \
-            request.latency_ms, request.server_ms, request.transfer_ms
-        return (None if latency is None else (latency, bucket(latency)),
-                None if server is None else (server, bucket(server)),
-                None if transfer is None else (transfer, bucket(transfer)))
-
-    def add(self, request, samples=None):
+    def add(self, request):
         self.count += 1
         if request.new_conn:
             self.new_conns += 1
-        latency, server, transfer = samples or self.samples(request)
-        if latency is not None:
-            self.latency.add(*latency)
-        if server is not None:
-            self.server.add(*server)
-        if transfer is not None:
-            self.transfer.add(*transfer)
+        if request.latency_ms is not None:
+            self.latency.add(request.latency_ms)
+        if request.server_ms is not None:
+            self.server.add(request.server_ms)
+        if request.transfer_ms is not None:
+            self.transfer.add(request.transfer_ms)
         if not request.complete:
             self.incomplete += 1
         elif request.status is None or request.status >= 400:
             self.errors += 1
+
+    def merge(self, other):
+        self.latency.merge(other.latency)
+        self.server.merge(other.server)
+        self.transfer.merge(other.transfer)
+        self.count += other.count
+        self.errors += other.errors
+        self.incomplete += other.incomplete
+        self.new_conns += other.new_conns
 
 
 def _fmt_quantile(hist, q):
@@ -3495,46 +3517,38 @@ def _fmt_quantile(hist, q):
     return "-" if value is None else "%.2f" % value
 
 
-class StatsTable:
-    """RowStats per (group, row) key."""
-
-    def __init__(self):
-        self.rows = defaultdict(RowStats)
-
-    def add(self, group, row, request, samples=None):
-        self.rows[(group, row)].add(request, samples)
-
-    def render(self, title, row_label):
-        """Tables as text: one per group, rows sorted by count."""
-        groups = defaultdict(list)
-        for (group, row), stats in self.rows.items():
-            groups[group].append((row, stats))
-        out = []
-        for group in sorted(groups, key=lambda g: (-sum(r.count for _, r in
-                                                        groups[g]), g)):
-            rows = sorted(groups[group], key=lambda r: (-r[1].count, r[0]))
-            out.append("=== %s %s ===" % (title, escape_text(group)))
-            width = max([len(row_label)] + [len(escape_text(r)) for r, _ in rows])
-            # The seed's columns first (scripts read them), then ours.
-            line = "%-*s %7s %9s %9s %9s %9s %7s %8s %9s %9s %9s %9s %5s"
-            out.append(line % (width, row_label, "Count", "p50(ms)", "p90(ms)",
-                               "p99(ms)", "max(ms)", "Errors", "Incompl",
-                               "srv_p50", "srv_p99", "xfer_p50", "xfer_p99",
-                               "New%"))
-            for row, r in rows:
-                hist = r.latency
-                out.append(line % (
-                    width, escape_text(row), r.count,
-                    _fmt_quantile(hist, 0.5), _fmt_quantile(hist, 0.9),
-                    _fmt_quantile(hist, 0.99),
-                    "%.2f" % hist.max if hist.count else "-", r.errors,
-                    r.incomplete, _fmt_quantile(r.server, 0.5),
-                    _fmt_quantile(r.server, 0.99),
-                    _fmt_quantile(r.transfer, 0.5),
-                    _fmt_quantile(r.transfer, 0.99),
-                    "%d" % round(100.0 * r.new_conns / r.count)))
-            out.append("")
-        return "\n".join(out)
+def render_table(rows, title, row_label):
+    """Tables as text from {(group, row): RowStats}: one per group, groups
+    and rows sorted by count."""
+    groups = defaultdict(list)
+    for (group, row), stats in rows.items():
+        groups[group].append((row, stats))
+    out = []
+    for group in sorted(groups, key=lambda g: (-sum(r.count for _, r in
+                                                    groups[g]), g)):
+        rows = sorted(groups[group], key=lambda r: (-r[1].count, r[0]))
+        out.append("=== %s %s ===" % (title, escape_text(group)))
+        width = max([len(row_label)] + [len(escape_text(r)) for r, _ in rows])
+        # The seed's columns first (scripts read them), then ours.
+        line = "%-*s %7s %9s %9s %9s %9s %7s %8s %9s %9s %9s %9s %5s"
+        out.append(line % (width, row_label, "Count", "p50(ms)", "p90(ms)",
+                           "p99(ms)", "max(ms)", "Errors", "Incompl",
+                           "srv_p50", "srv_p99", "xfer_p50", "xfer_p99",
+                           "New%"))
+        for row, r in rows:
+            hist = r.latency
+            out.append(line % (
+                width, escape_text(row), r.count,
+                _fmt_quantile(hist, 0.5), _fmt_quantile(hist, 0.9),
+                _fmt_quantile(hist, 0.99),
+                "%.2f" % hist.max if hist.count else "-", r.errors,
+                r.incomplete, _fmt_quantile(r.server, 0.5),
+                _fmt_quantile(r.server, 0.99),
+                _fmt_quantile(r.transfer, 0.5),
+                _fmt_quantile(r.transfer, 0.99),
+                "%d" % round(100.0 * r.new_conns / r.count)))
+        out.append("")
+    return "\n".join(out)
 
 
 class LabelCap:
@@ -3570,7 +3584,9 @@ class LabelCap:
 
 class Statistics:
     """The tables: per host × method, per endpoint × S3 operation and, when
-    asked, per endpoint × bucket (buckets capped like metric labels)."""
+    asked, per endpoint × bucket (buckets capped like metric labels). A
+    request is counted once, in the row of all it is; the tables add those
+    rows up when they are printed."""
 
     TABLES = {"method": ("Statistics for", "Method"),
               "op": ("S3 operations for", "Operation"),
@@ -3578,25 +3594,38 @@ class Statistics:
 
     def __init__(self, by=None, max_buckets=100):
         self.kinds = (by,) if by else ("method", "op")
-        self.tables = {kind: StatsTable() for kind in self.kinds}
-        self.cap = LabelCap(max_buckets)
+        self.rows = {}      # (host, method, endpoint, op, bucket): RowStats
+        self.cap = LabelCap(max_buckets) if "bucket" in self.kinds else None
 
-    def add(self, request, samples=None):
-        samples = samples or RowStats.samples(request)
+    def add(self, request):
         endpoint = request.endpoint or request.host or "-"
-        for kind, table in self.tables.items():
+        bucket = self.cap.pair(endpoint, request.bucket) \
+            if self.cap and request.bucket else None
+        key = (request.host or "-", request.method or "-", endpoint,
+               request.op, bucket)
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = RowStats()
+        row.add(request)
+
+    def table(self, kind):
+        """{(group, row): RowStats} of one kind of table."""
+        rows = defaultdict(RowStats)
+        for (host, method, endpoint, op, bucket), stats in self.rows.items():
             if kind == "method":
-                table.add(request.host or "-", request.method or "-", request,
-                          samples)
-            elif kind == "op" and request.op:
-                table.add(endpoint, request.op, request, samples)
-            elif kind == "bucket" and request.bucket:
-                host, bucket = self.cap.pair(endpoint, request.bucket)
-                table.add(host, bucket, request, samples)
+                rows[(host, method)].merge(stats)
+            elif kind == "op" and op:
+                rows[(endpoint, op)].merge(stats)
+            elif kind == "bucket" and bucket:
+                rows[bucket].merge(stats)
+        return rows
 
     def render(self):
-        parts = [self.tables[kind].render(*self.TABLES[kind])
-                 for kind in self.kinds if self.tables[kind].rows]
+        parts = []
+        for kind in self.kinds:
+            rows = self.table(kind)
+            if rows:
+                parts.append(render_table(rows, *self.TABLES[kind]))
         return "\n".join(parts) if parts else "(no requests)\n"
 
 
@@ -3626,38 +3655,31 @@ class Clock:
 
     def __init__(self):
         self.offset = time.time() - time.monotonic()
-        self.utc, self.local = [None, None], [None, None]
+        self.utc_second = self.local_second = None
+        self.utc_text = self.local_text = None
 
     def wall(self, ns):
         return ns / 1e9 + self.offset
 
-    def _second(self, ns, cache, fmt, convert):
-        """(that second formatted, its fraction), formatting once a second."""
-        wall = self.wall(ns)
-        second = int(wall)
-        if cache[0] != second:
-            cache[:] = second, time.strftime(fmt, convert(second))
-        return cache[1], wall - second
-
     def iso_utc(self, ns):
         """2026-12-01T17:53:26.384254Z"""
-        text, fraction = self._second(ns, self.utc, "%Y-%m-%dT%H:%M:%S",
-                                      time.gmtime)
-        return "%s.%06dZ" % (text, fraction * 1e6)
+        wall = ns / 1e9 + self.offset
+        second = int(wall)
+        if second != self.utc_second:
+            self.utc_second = second
+            self.utc_text = time.strftime("%Y-%m-%dT%H:%M:%S",
+                                          time.gmtime(second))
+        return "%s.%06dZ" % (self.utc_text, (wall - second) * 1e6)
 
     def local_time(self, ns):
         """17:53:26.384 (local time, milliseconds)"""
-        text, fraction = self._second(ns, self.local, "%H:%M:%S",
-                                      time.localtime)
-        return "%s.%03d" % (text, fraction * 1e3)
-
-
-def _fmt_ms(value):
-    return "-" if value is None else "%.2f" % value
-
-
-def _fmt_int(value):
-    return "-" if value is None else str(value)
+        wall = ns / 1e9 + self.offset
+        second = int(wall)
+        if second != self.local_second:
+            self.local_second = second
+            self.local_text = time.strftime("%H:%M:%S",
+                                            time.localtime(second))
+        return "%s.%03d" % (self.local_text, (wall - second) * 1e3)
 
 
 # OP fits the longest operation name (CompleteMultipartUpload).
@@ -3668,36 +3690,20 @@ TEXT_HEADER = TEXT_FORMAT % (
 
 
 def format_text(request, clock):
-    status = _fmt_int(request.status) + ("" if request.complete else "!")
+    (start_ns, pid, _tid, comm, _lib, host, _endpoint, method, path, _bucket,
+     _key, op, status, req_bytes, resp_bytes, ttfb, latency, *_rest, why) = \
+        request
     return TEXT_FORMAT % (
-        clock.local_time(request.start_ns), request.pid,
-        _fmt_ms(request.latency_ms), _fmt_ms(request.ttfb_ms),
-        request.why or "-",
-        escape_text(request.comm), escape_text(request.host or "-"),
-        request.method or "-", request.op or "-", status,
-        _fmt_int(request.req_bytes), _fmt_int(request.resp_bytes),
-        escape_text(request.path or "-"))
-
-
-_json_string = json.encoder.encode_basestring_ascii
-
-
-def _json(value):
-    """value as json.dumps writes it. ASCII only: every control character
-    escaped, so one object is one line."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if value.__class__ is str:
-        return _json_string(value)
-    return repr(value)
-
-
-def _json_ms(value):
-    return "null" if value is None else repr(round(value, 3))
+        clock.local_time(start_ns), pid,
+        "-" if latency is None else "%.2f" % latency,
+        "-" if ttfb is None else "%.2f" % ttfb, why or "-",
+        escape_text(comm), escape_text(host) if host else "-",
+        method or "-", op or "-",
+        ("-" if status is None else status) if request.complete else
+        "%s!" % ("-" if status is None else status),
+        "-" if req_bytes is None else req_bytes,
+        "-" if resp_bytes is None else resp_bytes,
+        escape_text(path) if path else "-")
 
 
 JSON_FIELDS = (
@@ -3709,21 +3715,43 @@ JSON_FIELDS = (
 # One object per request, written by hand: json.dumps of a dict costs more
 # than the rest of a request's handling.
 JSON_FORMAT = "{%s}" % ",".join('"%s":%%s' % name for name in JSON_FIELDS)
+JSON_LITERALS = {None: "null", True: "true", False: "false"}
 
 
 def format_json(request, clock):
-    j, ms = _json, _json_ms
+    """One line: strings as json.dumps writes them, ASCII only (every
+    control character escaped), times in ms to the microsecond: what
+    json.dumps writes."""
+    (start_ns, pid, tid, comm, lib, host, endpoint, method, path, bucket, key,
+     op, status, req_bytes, resp_bytes, ttfb, latency, server, request_id,
+     error_code, complete, truncated, transfer, connect, tls, new_conn,
+     retrans, why) = request
+    text = json.encoder.encode_basestring_ascii
     return JSON_FORMAT % (
-        '"%s"' % clock.iso_utc(request.start_ns), request.pid, request.tid,
-        j(request.comm), j(request.lib), j(request.host), j(request.endpoint),
-        j(request.method), j(request.path), j(request.bucket), j(request.key),
-        j(request.op), j(request.status), j(request.req_bytes),
-        j(request.resp_bytes), ms(request.ttfb_ms), ms(request.latency_ms),
-        ms(request.server_ms), ms(request.transfer_ms),
-        ms(request.connect_ms), ms(request.tls_handshake_ms),
-        j(request.new_conn), j(request.retrans), j(request.why),
-        j(request.request_id), j(request.error_code), j(request.complete),
-        j(request.truncated))
+        '"%s"' % clock.iso_utc(start_ns), pid, tid,
+        "null" if comm is None else text(comm),
+        "null" if lib is None else text(lib),
+        "null" if host is None else text(host),
+        "null" if endpoint is None else text(endpoint),
+        "null" if method is None else text(method),
+        "null" if path is None else text(path),
+        "null" if bucket is None else text(bucket),
+        "null" if key is None else text(key),
+        "null" if op is None else text(op),
+        "null" if status is None else status,
+        "null" if req_bytes is None else req_bytes,
+        "null" if resp_bytes is None else resp_bytes,
+        "null" if ttfb is None else repr(round(ttfb, 3)),
+        "null" if latency is None else repr(round(latency, 3)),
+        "null" if server is None else repr(round(server, 3)),
+        "null" if transfer is None else repr(round(transfer, 3)),
+        "null" if connect is None else repr(round(connect, 3)),
+        "null" if tls is None else repr(round(tls, 3)),
+        JSON_LITERALS[new_conn], "null" if retrans is None else retrans,
+        "null" if why is None else text(why),
+        "null" if request_id is None else text(request_id),
+        "null" if error_code is None else text(error_code),
+        JSON_LITERALS[complete], JSON_LITERALS[truncated])
 
 
 # Buckets in seconds: 1 ms to 2 min.
@@ -4378,10 +4406,9 @@ class Tracer:
                 (request.host or "").lower() in self.own_hosts:
             return
         self.reported += 1
-        samples = RowStats.samples(request)
-        self.stats.add(request, samples)
+        self.stats.add(request)
         if self.interval_stats:
-            self.interval_stats.add(request, samples)
+            self.interval_stats.add(request)
         if self.prometheus:
             self.prometheus.add(request)
         if self.args.no_requests:
