@@ -29,6 +29,7 @@
 import argparse
 import bisect
 import ctypes
+import ctypes.util
 import datetime
 import functools
 import glob
@@ -41,6 +42,7 @@ import os
 import re
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -2881,7 +2883,6 @@ class BpfObject:
         self.compiler = compiler    # BCC's object owns its maps: keep it
         self.origin = origin        # how it came to be, for the start-up
         self.decode_type = bcc.BPF._decode_table_type
-        self.ring_callback_type = bcc.libbcc._RINGBUF_CB_TYPE
         if compiler:
             self.map_fds = [lib.bpf_table_fd(compiler.module,
                                              definition["name"].encode())
@@ -2894,7 +2895,6 @@ class BpfObject:
         self.functions = {}
         self.tables = {}
         self.links = []             # the perf events of attached probes
-        self.ring = self.ring_callback = None
 
     def create_map(self, definition):
         fd = self.lib.bcc_create_map(
@@ -2975,19 +2975,106 @@ class BpfObject:
                 function, target))
         self.links.append(fd)
 
-    def open_ring_buffer(self, name, callback):
-        """callback(ctx, data, size) for each record; returns 0 to go on."""
-        self.ring_callback = self.ring_callback_type(callback)
-        self.ring = self.lib.bpf_new_ringbuf(
-            self.map_fds[self.map_index[name]], self.ring_callback, None)
-        if not self.ring:
-            raise Fatal("cannot open the BPF ring buffer")
+    def open_ring_buffer(self, name):
+        index = self.map_index[name]
+        return RingBuffer(self.map_fds[index],
+                          self.image["maps"][index]["max_entries"])
 
-    def ring_buffer_poll(self, timeout_ms):
-        self.lib.bpf_poll_ringbuf(self.ring, timeout_ms)
 
-    def ring_buffer_consume(self):
-        self.lib.bpf_consume_ringbuf(self.ring)
+class RingBuffer:
+    """A BPF ring buffer read where the kernel writes it, with no callback
+    and no copy per record (the layout is the kernel's, ringbuf.rst): a
+    page with the consumer's position, which we write; a page with the
+    producer's; then the data pages, mapped twice in a row so that no
+    record wraps. A record is an 8-byte header (its length, with BUSY and
+    DISCARD bits on top) and its data, rounded up to 8 bytes."""
+
+    BUSY, DISCARD = 1 << 31, 1 << 30
+    POSITION = struct.Struct("<Q")
+    HEADER = struct.Struct("<I")
+
+    def __init__(self, fd, size, ordered_loads=None):
+        page = os.sysconf("SC_PAGE_SIZE")
+        self.consumer = self._map(fd, 0, page, writable=True)
+        self.producer = self._map(fd, page, page + 2 * size)
+        self.data = self.view(self.producer + page, 2 * size)
+        self.mask = size - 1
+        # Woken only when the kernel wakes us (every WAKE_EVERY records, or
+        # a record that cannot wait): edge-triggered, so the records in
+        # between wait for that or for the timer, and are read in batches.
+        self.poller = select.epoll()
+        self.poller.register(fd, select.EPOLLIN | select.EPOLLET)
+        if ordered_loads is None:
+            ordered_loads = os.uname().machine in ("x86_64", "i686", "i386")
+        if ordered_loads:
+            consumer, producer = (self.view(self.consumer, 8),
+                                  self.view(self.producer, 8))
+            self.consumed = lambda: self.POSITION.unpack_from(consumer)[0]
+            self.produced = lambda: self.POSITION.unpack_from(producer)[0]
+            self.header = lambda at: self.HEADER.unpack_from(self.data, at)[0]
+            self.give_back = lambda position: self.POSITION.pack_into(
+                consumer, 0, position)
+        else:
+            # The kernel publishes a position and a record's header with
+            # release stores. x86 keeps loads in order; elsewhere they must
+            # be acquire loads, and the position we give back a release
+            # store (the data are read before it): libatomic's.
+            atomic = ctypes.CDLL(ctypes.util.find_library("atomic") or
+                                 "libatomic.so.1")
+            load4, load8, store8 = (getattr(atomic, "__atomic_" + name)
+                                    for name in ("load_4", "load_8",
+                                                 "store_8"))
+            load4.argtypes = load8.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            load4.restype, load8.restype = ctypes.c_uint32, ctypes.c_uint64
+            store8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+            acquire, release, data = 2, 3, self.producer + page
+            self.consumed = lambda: load8(self.consumer, acquire)
+            self.produced = lambda: load8(self.producer, acquire)
+            self.header = lambda at: load4(data + at, acquire)
+            self.give_back = lambda position: store8(self.consumer, position,
+                                                     release)
+
+    @staticmethod
+    def _map(fd, offset, length, writable=False):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        prot = 3 if writable else 1             # PROT_READ (| PROT_WRITE)
+        address = libc.mmap(None, length, prot, 1, fd, offset)  # MAP_SHARED
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise Fatal("cannot map the BPF ring buffer: %s" %
+                        os.strerror(ctypes.get_errno()))
+        return address
+
+    @staticmethod
+    def view(address, length):
+        return memoryview((ctypes.c_char * length).from_address(address))
+
+    def wait(self, timeout_ms):
+        """Until the kernel wakes us or timeout_ms have passed."""
+        self.poller.poll(timeout_ms / 1e3)
+
+    def read(self, handle):
+        """handle(data, at, size) for each record the kernel has committed,
+        in order: the record is data[at:at + size], valid until handle
+        returns. Returns how many records were handled."""
+        data, mask, header = self.data, self.mask, self.header
+        position, end = self.consumed(), self.produced()
+        handled = 0
+        try:
+            while position < end:
+                length = header(position & mask)
+                if length & self.BUSY:
+                    break               # still being written
+                size = length & ~(self.BUSY | self.DISCARD)
+                if not length & self.DISCARD:
+                    handle(data, (position & mask) + 8, size)
+                    handled += 1
+                position += (size + 15) & ~7
+        finally:
+            self.give_back(position)
+        return handled
 
 
 # ---------------------------------------------------------------------------
@@ -3004,14 +3091,15 @@ Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "retrans_start retrans_end resp_data req_data")
 
 
-def decode_record(raw):
-    """Record from the bytes of one ring buffer record (or map value)."""
-    fields = RECORD_HEAD.unpack_from(raw)
-    return Record._make(fields[:18] + (
-        fields[18].split(b"\0", 1)[0].decode("utf-8", "replace"),) +
-        fields[19:] + (
-        bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + fields[14]]),
-        bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + fields[13]])))
+def decode_record(raw, at=0):
+    """Record from the bytes of one ring buffer record (or map value) at
+    raw[at:]: its heads copied out, the rest unpacked."""
+    fields = RECORD_HEAD.unpack_from(raw, at)
+    resp = at + RECORD_HEAD.size
+    req = at + REQ_DATA_OFFSET
+    return Record(*fields[:18], fields[18].split(b"\0", 1)[0].decode(
+        "utf-8", "replace"), *fields[19:], bytes(raw[resp:resp + fields[14]]),
+        bytes(raw[req:req + fields[13]]))
 
 
 # ---------------------------------------------------------------------------
@@ -4228,8 +4316,9 @@ class Tracer:
         self.stop = False
         self.lost_reported = 0
         self.json = args.json
-        self.bpf = None
-        self.error = None
+        self.endpoints = tuple(args.endpoint or ())
+        self.bpf = self.ring = None
+        self.lines = []         # of the records read, written together
         self.plain = plain_method(args)
         self.second_looks = deque()     # (when, pid) after an exec
         self.seen_pids = set(all_pids())
@@ -4270,7 +4359,7 @@ class Tracer:
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
         self.arm_file_filter(layout)
-        self.bpf.open_ring_buffer("records", self.on_record)
+        self.ring = self.bpf.open_ring_buffer("records")
         return attached
 
     def attach_tcp_probes(self, to_port):
@@ -4353,31 +4442,23 @@ class Tracer:
         progress("  programs started later: found at their exec and when they "
                  "map a new file executable")
 
-    def on_record(self, ctx, data, size):
-        # ctypes would print and swallow an exception raised here: keep it
-        # for run() to re-raise once the poll returns.
-        try:
-            rec = decode_record(ctypes.string_at(data, size))
-            if rec.type == REC_REQUEST:
-                self.records += 1
-                self.report(build_request(rec, self.args.endpoint,
-                                          ids=self.json))
-            elif rec.type == REC_EXIT:
-                self.records += 1
-                self.sweep(rec.tgid)
-            elif rec.type == REC_EXEC:
-                self.new_files += 1
-                path = rec.req_data.decode("utf-8", "surrogateescape")
-                self.look_at(rec.tgid, (rec.req_start, "exec"),
-                             [path] if path.startswith("/") else [])
-            elif rec.type == REC_MAP:
-                self.new_files += 1
-                self.look_at(rec.tgid, (rec.req_start, "mmap"))
-        except BaseException as exc:
-            self.error = self.error or exc
-            self.stop = True
-            return -1    # stop consuming this batch
-        return 0
+    def on_record(self, data, at, size):
+        """One record of the ring buffer, at data[at:at + size]."""
+        rec = decode_record(data, at)
+        if rec.type == REC_REQUEST:
+            self.records += 1
+            self.report(build_request(rec, self.endpoints, ids=self.json))
+        elif rec.type == REC_EXIT:
+            self.records += 1
+            self.sweep(rec.tgid)
+        elif rec.type == REC_EXEC:
+            self.new_files += 1
+            path = rec.req_data.decode("utf-8", "surrogateescape")
+            self.look_at(rec.tgid, (rec.req_start, "exec"),
+                         [path] if path.startswith("/") else [])
+        elif rec.type == REC_MAP:
+            self.new_files += 1
+            self.look_at(rec.tgid, (rec.req_start, "mmap"))
 
     def sweep(self, tgid=None):
         """Report the requests a process (or, at exit, every process) left
@@ -4391,7 +4472,7 @@ class Tracer:
                     raw = ctypes.string_at(ctypes.addressof(value),
                                            ctypes.sizeof(value))
                     self.report(build_request(decode_record(raw),
-                                              self.args.endpoint))
+                                              self.endpoints))
                 try:
                     del table[key]
                 except KeyError:
@@ -4413,11 +4494,16 @@ class Tracer:
             self.prometheus.add(request)
         if self.args.no_requests:
             return
-        if self.json:
-            line = format_json(request, self.clock)
-        else:
-            line = format_text(request, self.clock)
-        self.out.write(line + "\n")
+        self.lines.append(format_json(request, self.clock) if self.json
+                          else format_text(request, self.clock))
+
+    def write_lines(self):
+        """The lines of the records read, in one write: a reader gets them
+        whole, at most POLL_MS after their requests ended."""
+        if self.lines:
+            self.lines.append("")
+            self.out.write("\n".join(self.lines))
+            self.lines.clear()
 
     def disable(self):
         """Unhook the parser: probes that still fire record nothing."""
@@ -4458,10 +4544,9 @@ class Tracer:
                     selected_families(self.args), [], pid, self.known,
                     loader_cache=False)
                 self.attach_new(new)
-            self.bpf.ring_buffer_poll(POLL_MS)
-            self.bpf.ring_buffer_consume()
-            if self.error:
-                raise self.error
+            self.ring.wait(POLL_MS)
+            self.ring.read(self.on_record)
+            self.write_lines()
             if next_tables and time.monotonic() >= next_tables:
                 next_tables += interval
                 self.print_tables(self.interval_stats, "last %gs" % interval)
@@ -4528,8 +4613,9 @@ class Tracer:
     def finish(self, print_stats=True):
         SCAN_CACHE.save()
         if print_stats:
-            self.bpf.ring_buffer_consume()
+            self.ring.read(self.on_record)
             self.sweep()
+            self.write_lines()
         try:
             self.out.flush()
         except BrokenPipeError:
@@ -4671,6 +4757,13 @@ def leave_probes_behind(first=None):
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):         # a pipe reader must not wait for us
             os.dup2(null, fd)
+        # Nor a tracer started next for the metrics port.
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                    os.close(int(name))
+            except OSError:
+                pass
         if first:
             try:
                 first()

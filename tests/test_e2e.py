@@ -559,6 +559,27 @@ def test_prometheus_metrics(s3_server):
     assert "/delay-60/a" not in text          # never paths or keys
 
 
+def test_restart_serves_the_same_metrics_port_at_once():
+    """The child left to release the probes holds no socket: a tracer
+    started as soon as the last one exits (a service restarted) serves
+    metrics on the same port."""
+    require_bpf()
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    first = Tracer("--prometheus-port", str(port))
+    assert first.stop() == 0
+    second = Tracer("--prometheus-port", str(port))
+    try:
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
+                                      timeout=10).read().decode()
+    finally:
+        assert second.stop() == 0
+    assert "s3slower_lost_events_total 0.0" in text
+
+
 def test_prometheus_port_in_use_is_a_clear_error():
     require_bpf()
     import socket
