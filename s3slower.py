@@ -708,7 +708,7 @@ ACTIONS = 4               # ... actions (message start, end) per run ...
 SKIP_WORDS = 128          # words of a skipped header line per action ...
 MAX_RUNS = 32             # ... and runs (tail calls) per read or write
 MAX_INFLIGHT = 2048       # requests sent and not yet answered, host-wide
-WAKE_EVERY = 32           # records per CPU between reader wake-ups
+WAKE_EVERY = 512          # records per CPU between reader wake-ups
 POLL_MS = 50              # ... and the reader's timer: the output delay
 SECOND_LOOK = 0.2         # s after a new program's exec: look again
 FULL_RESCAN = 6           # every 6th rescan looks at every process
@@ -3647,6 +3647,7 @@ class LabelCap:
         self.limit = limit
         self.hosts = set()
         self.pairs = set()
+        self.known = {}     # (host, bucket) as sent: labels, once admitted
 
     @staticmethod
     def _admit(seen, value, limit):
@@ -3663,11 +3664,16 @@ class LabelCap:
 
     def pair(self, host, bucket):
         """(host, bucket) label values."""
-        host = self.host(host)
-        bucket = escape_text(bucket) if bucket else "none"
-        if self._admit(self.pairs, (host, bucket), self.limit):
-            return host, bucket
-        return host, "other"
+        labels = self.known.get((host, bucket))
+        if labels is not None:
+            return labels
+        label = self.host(host)
+        labels = (label, escape_text(bucket) if bucket else "none")
+        if not self._admit(self.pairs, labels, self.limit):
+            return label, "other"
+        if len(self.known) < 4 * self.limit:
+            self.known[(host, bucket)] = labels
+        return labels
 
 
 class Statistics:
@@ -4317,6 +4323,8 @@ class Tracer:
         self.lost_reported = 0
         self.json = args.json
         self.endpoints = tuple(args.endpoint or ())
+        self.filtered = any((args.method, args.host_substr, args.op,
+                             args.bucket, args.min_lat_ms))
         self.bpf = self.ring = None
         self.lines = []         # of the records read, written together
         self.plain = plain_method(args)
@@ -4481,7 +4489,7 @@ class Tracer:
     def report(self, request):
         if not request.complete:
             self.incomplete += 1
-        if not request_matches(request, self.args) or \
+        if self.filtered and not request_matches(request, self.args) or \
                 (request.method is None and not self.args.include_unknown) \
                 or self.own_hosts and \
                 (request.host or "").lower() in self.own_hosts:
