@@ -29,7 +29,6 @@
 import argparse
 import bisect
 import ctypes
-import ctypes.util
 import datetime
 import functools
 import glob
@@ -708,7 +707,7 @@ ACTIONS = 4               # ... actions (message start, end) per run ...
 SKIP_WORDS = 128          # words of a skipped header line per action ...
 MAX_RUNS = 32             # ... and runs (tail calls) per read or write
 MAX_INFLIGHT = 2048       # requests sent and not yet answered, host-wide
-WAKE_EVERY = 512          # records per CPU between reader wake-ups
+WAKE_EVERY = 32           # records per CPU between reader wake-ups
 POLL_MS = 50              # ... and the reader's timer: the output delay
 SECOND_LOOK = 0.2         # s after a new program's exec: look again
 FULL_RESCAN = 6           # every 6th rescan looks at every process
@@ -2883,6 +2882,7 @@ class BpfObject:
         self.compiler = compiler    # BCC's object owns its maps: keep it
         self.origin = origin        # how it came to be, for the start-up
         self.decode_type = bcc.BPF._decode_table_type
+        self.ring_callback_type = bcc.libbcc._RINGBUF_CB_TYPE
         if compiler:
             self.map_fds = [lib.bpf_table_fd(compiler.module,
                                              definition["name"].encode())
@@ -2895,6 +2895,7 @@ class BpfObject:
         self.functions = {}
         self.tables = {}
         self.links = []             # the perf events of attached probes
+        self.ring = self.ring_callback = None
 
     def create_map(self, definition):
         fd = self.lib.bcc_create_map(
@@ -2975,106 +2976,19 @@ class BpfObject:
                 function, target))
         self.links.append(fd)
 
-    def open_ring_buffer(self, name):
-        index = self.map_index[name]
-        return RingBuffer(self.map_fds[index],
-                          self.image["maps"][index]["max_entries"])
+    def open_ring_buffer(self, name, callback):
+        """callback(ctx, data, size) for each record; returns 0 to go on."""
+        self.ring_callback = self.ring_callback_type(callback)
+        self.ring = self.lib.bpf_new_ringbuf(
+            self.map_fds[self.map_index[name]], self.ring_callback, None)
+        if not self.ring:
+            raise Fatal("cannot open the BPF ring buffer")
 
+    def ring_buffer_poll(self, timeout_ms):
+        self.lib.bpf_poll_ringbuf(self.ring, timeout_ms)
 
-class RingBuffer:
-    """A BPF ring buffer read where the kernel writes it, with no callback
-    and no copy per record (the layout is the kernel's, ringbuf.rst): a
-    page with the consumer's position, which we write; a page with the
-    producer's; then the data pages, mapped twice in a row so that no
-    record wraps. A record is an 8-byte header (its length, with BUSY and
-    DISCARD bits on top) and its data, rounded up to 8 bytes."""
-
-    BUSY, DISCARD = 1 << 31, 1 << 30
-    POSITION = struct.Struct("<Q")
-    HEADER = struct.Struct("<I")
-
-    def __init__(self, fd, size, ordered_loads=None):
-        page = os.sysconf("SC_PAGE_SIZE")
-        self.consumer = self._map(fd, 0, page, writable=True)
-        self.producer = self._map(fd, page, page + 2 * size)
-        self.data = self.view(self.producer + page, 2 * size)
-        self.mask = size - 1
-        # Woken only when the kernel wakes us (every WAKE_EVERY records, or
-        # a record that cannot wait): edge-triggered, so the records in
-        # between wait for that or for the timer, and are read in batches.
-        self.poller = select.epoll()
-        self.poller.register(fd, select.EPOLLIN | select.EPOLLET)
-        if ordered_loads is None:
-            ordered_loads = os.uname().machine in ("x86_64", "i686", "i386")
-        if ordered_loads:
-            consumer, producer = (self.view(self.consumer, 8),
-                                  self.view(self.producer, 8))
-            self.consumed = lambda: self.POSITION.unpack_from(consumer)[0]
-            self.produced = lambda: self.POSITION.unpack_from(producer)[0]
-            self.header = lambda at: self.HEADER.unpack_from(self.data, at)[0]
-            self.give_back = lambda position: self.POSITION.pack_into(
-                consumer, 0, position)
-        else:
-            # The kernel publishes a position and a record's header with
-            # release stores. x86 keeps loads in order; elsewhere they must
-            # be acquire loads, and the position we give back a release
-            # store (the data are read before it): libatomic's.
-            atomic = ctypes.CDLL(ctypes.util.find_library("atomic") or
-                                 "libatomic.so.1")
-            load4, load8, store8 = (getattr(atomic, "__atomic_" + name)
-                                    for name in ("load_4", "load_8",
-                                                 "store_8"))
-            load4.argtypes = load8.argtypes = [ctypes.c_void_p, ctypes.c_int]
-            load4.restype, load8.restype = ctypes.c_uint32, ctypes.c_uint64
-            store8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
-            acquire, release, data = 2, 3, self.producer + page
-            self.consumed = lambda: load8(self.consumer, acquire)
-            self.produced = lambda: load8(self.producer, acquire)
-            self.header = lambda at: load4(data + at, acquire)
-            self.give_back = lambda position: store8(self.consumer, position,
-                                                     release)
-
-    @staticmethod
-    def _map(fd, offset, length, writable=False):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        prot = 3 if writable else 1             # PROT_READ (| PROT_WRITE)
-        address = libc.mmap(None, length, prot, 1, fd, offset)  # MAP_SHARED
-        if address in (None, ctypes.c_void_p(-1).value):
-            raise Fatal("cannot map the BPF ring buffer: %s" %
-                        os.strerror(ctypes.get_errno()))
-        return address
-
-    @staticmethod
-    def view(address, length):
-        return memoryview((ctypes.c_char * length).from_address(address))
-
-    def wait(self, timeout_ms):
-        """Until the kernel wakes us or timeout_ms have passed."""
-        self.poller.poll(timeout_ms / 1e3)
-
-    def read(self, handle):
-        """handle(data, at, size) for each record the kernel has committed,
-        in order: the record is data[at:at + size], valid until handle
-        returns. Returns how many records were handled."""
-        data, mask, header = self.data, self.mask, self.header
-        position, end = self.consumed(), self.produced()
-        handled = 0
-        try:
-            while position < end:
-                length = header(position & mask)
-                if length & self.BUSY:
-                    break               # still being written
-                size = length & ~(self.BUSY | self.DISCARD)
-                if not length & self.DISCARD:
-                    handle(data, (position & mask) + 8, size)
-                    handled += 1
-                position += (size + 15) & ~7
-        finally:
-            self.give_back(position)
-        return handled
+    def ring_buffer_consume(self):
+        self.lib.bpf_consume_ringbuf(self.ring)
 
 
 # ---------------------------------------------------------------------------
@@ -3091,15 +3005,14 @@ Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "retrans_start retrans_end resp_data req_data")
 
 
-def decode_record(raw, at=0):
-    """Record from the bytes of one ring buffer record (or map value) at
-    raw[at:]: its heads copied out, the rest unpacked."""
-    fields = RECORD_HEAD.unpack_from(raw, at)
-    resp = at + RECORD_HEAD.size
-    req = at + REQ_DATA_OFFSET
-    return Record(*fields[:18], fields[18].split(b"\0", 1)[0].decode(
-        "utf-8", "replace"), *fields[19:], bytes(raw[resp:resp + fields[14]]),
-        bytes(raw[req:req + fields[13]]))
+def decode_record(raw):
+    """Record from the bytes of one ring buffer record (or map value)."""
+    fields = RECORD_HEAD.unpack_from(raw)
+    return Record._make(fields[:18] + (
+        fields[18].split(b"\0", 1)[0].decode("utf-8", "replace"),) +
+        fields[19:] + (
+        bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + fields[14]]),
+        bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + fields[13]])))
 
 
 # ---------------------------------------------------------------------------
@@ -3749,31 +3662,27 @@ class Clock:
 
     def __init__(self):
         self.offset = time.time() - time.monotonic()
-        self.utc_second = self.local_second = None
-        self.utc_text = self.local_text = None
+        # 2026-12-01T17:53:26.384254Z
+        self.iso_utc = self._printer("%Y-%m-%dT%H:%M:%S", time.gmtime,
+                                     "%s.%06dZ", 1e6)
+        # 17:53:26.384 (local time, milliseconds)
+        self.local_time = self._printer("%H:%M:%S", time.localtime,
+                                        "%s.%03d", 1e3)
 
     def wall(self, ns):
         return ns / 1e9 + self.offset
 
-    def iso_utc(self, ns):
-        """2026-12-01T17:53:26.384254Z"""
-        wall = ns / 1e9 + self.offset
-        second = int(wall)
-        if second != self.utc_second:
-            self.utc_second = second
-            self.utc_text = time.strftime("%Y-%m-%dT%H:%M:%S",
-                                          time.gmtime(second))
-        return "%s.%06dZ" % (self.utc_text, (wall - second) * 1e6)
+    def _printer(self, date_format, convert, line_format, fraction):
+        """ns -> text: the date part formatted once a second."""
+        last = [None, None]
 
-    def local_time(self, ns):
-        """17:53:26.384 (local time, milliseconds)"""
-        wall = ns / 1e9 + self.offset
-        second = int(wall)
-        if second != self.local_second:
-            self.local_second = second
-            self.local_text = time.strftime("%H:%M:%S",
-                                            time.localtime(second))
-        return "%s.%03d" % (self.local_text, (wall - second) * 1e3)
+        def print_time(ns):
+            wall = ns / 1e9 + self.offset
+            second = int(wall)
+            if second != last[0]:
+                last[:] = second, time.strftime(date_format, convert(second))
+            return line_format % (last[1], (wall - second) * fraction)
+        return print_time
 
 
 # OP fits the longest operation name (CompleteMultipartUpload).
@@ -4325,7 +4234,8 @@ class Tracer:
         self.endpoints = tuple(args.endpoint or ())
         self.filtered = any((args.method, args.host_substr, args.op,
                              args.bucket, args.min_lat_ms))
-        self.bpf = self.ring = None
+        self.bpf = None
+        self.error = None
         self.lines = []         # of the records read, written together
         self.plain = plain_method(args)
         self.second_looks = deque()     # (when, pid) after an exec
@@ -4367,7 +4277,7 @@ class Tracer:
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
         self.arm_file_filter(layout)
-        self.ring = self.bpf.open_ring_buffer("records")
+        self.bpf.open_ring_buffer("records", self.on_record)
         return attached
 
     def attach_tcp_probes(self, to_port):
@@ -4450,23 +4360,31 @@ class Tracer:
         progress("  programs started later: found at their exec and when they "
                  "map a new file executable")
 
-    def on_record(self, data, at, size):
-        """One record of the ring buffer, at data[at:at + size]."""
-        rec = decode_record(data, at)
-        if rec.type == REC_REQUEST:
-            self.records += 1
-            self.report(build_request(rec, self.endpoints, ids=self.json))
-        elif rec.type == REC_EXIT:
-            self.records += 1
-            self.sweep(rec.tgid)
-        elif rec.type == REC_EXEC:
-            self.new_files += 1
-            path = rec.req_data.decode("utf-8", "surrogateescape")
-            self.look_at(rec.tgid, (rec.req_start, "exec"),
-                         [path] if path.startswith("/") else [])
-        elif rec.type == REC_MAP:
-            self.new_files += 1
-            self.look_at(rec.tgid, (rec.req_start, "mmap"))
+    def on_record(self, ctx, data, size):
+        # ctypes would print and swallow an exception raised here: keep it
+        # for run() to re-raise once the poll returns.
+        try:
+            rec = decode_record(ctypes.string_at(data, size))
+            if rec.type == REC_REQUEST:
+                self.records += 1
+                self.report(build_request(rec, self.endpoints,
+                                          ids=self.json))
+            elif rec.type == REC_EXIT:
+                self.records += 1
+                self.sweep(rec.tgid)
+            elif rec.type == REC_EXEC:
+                self.new_files += 1
+                path = rec.req_data.decode("utf-8", "surrogateescape")
+                self.look_at(rec.tgid, (rec.req_start, "exec"),
+                             [path] if path.startswith("/") else [])
+            elif rec.type == REC_MAP:
+                self.new_files += 1
+                self.look_at(rec.tgid, (rec.req_start, "mmap"))
+        except BaseException as exc:
+            self.error = self.error or exc
+            self.stop = True
+            return -1    # stop consuming this batch
+        return 0
 
     def sweep(self, tgid=None):
         """Report the requests a process (or, at exit, every process) left
@@ -4552,8 +4470,10 @@ class Tracer:
                     selected_families(self.args), [], pid, self.known,
                     loader_cache=False)
                 self.attach_new(new)
-            self.ring.wait(POLL_MS)
-            self.ring.read(self.on_record)
+            self.bpf.ring_buffer_poll(POLL_MS)
+            self.bpf.ring_buffer_consume()
+            if self.error:
+                raise self.error
             self.write_lines()
             if next_tables and time.monotonic() >= next_tables:
                 next_tables += interval
@@ -4621,7 +4541,7 @@ class Tracer:
     def finish(self, print_stats=True):
         SCAN_CACHE.save()
         if print_stats:
-            self.ring.read(self.on_record)
+            self.bpf.ring_buffer_consume()
             self.sweep()
             self.write_lines()
         try:

@@ -139,13 +139,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
 def run_counts(bpf, calls):
     """Attach, make calls getppid() calls, read what the program counted."""
     seen = []
+
+    def on_event(ctx, data, size):
+        seen.append(ctypes.string_at(data, size))
+        return 0
     tail = bpf.load("second_step", s3slower.BPF_PROG_TYPE_TRACEPOINT)
     bpf["next_step"][ctypes.c_int(0)] = ctypes.c_int(tail)
-    ring = bpf.open_ring_buffer("events")
+    bpf.open_ring_buffer("events", on_event)
     bpf.attach_tracepoints()
     for _ in range(calls):
         os.getppid()
-    ring.read(lambda data, at, size: seen.append(bytes(data[at:at + size])))
+    bpf.ring_buffer_consume()
     mine = bpf["by_tid"][bpf["by_tid"].Key(threading.get_native_id())]
     return dict(calls=mine.calls, sum=mine.sum,
                 lru=[v.value for _, v in bpf["lru"].items()],
