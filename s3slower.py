@@ -695,6 +695,79 @@ def discover_libraries(families, extra, pid=None, known=None,
     return found, len(scanned)
 
 
+# Probe kind -> (entry handler, return handler) suffixes of the C functions.
+PROBE_HANDLERS = {"write": ("write_enter", "write_exit"),
+                  "write_ex": ("write_ex_enter", "write_exit"),
+                  "read": ("read_enter", "read_exit"),
+                  "read_ex": ("read_ex_enter", "read_exit"),
+                  "close": ("close_enter", None),
+                  "set_fd": ("set_fd_enter", None)}
+# The handlers every family's C code defines (the _ex ones are OpenSSL's).
+PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
+                      "close_enter")
+GO_HANDLERS = ("write_enter", "read_enter", "read_return", "close_enter")
+
+
+def go_plan(path):
+    """Where a Go program's crypto/tls probes go, as library_plan says: the
+    entries, and every RET of Read (never a uretprobe: Go moves goroutine
+    stacks). A string says why there are none."""
+    version = go_version(path)
+    if version is None or version < GO_MIN_VERSION:
+        return "Go %s; Go >= %d.%d is supported" % (
+            "%d.%d" % version if version else "version unknown",
+            *GO_MIN_VERSION)
+    symbols = elf_symbols(path, GO_SYMBOLS)
+    if GO_READ not in symbols or GO_WRITE not in symbols:
+        return "no crypto/tls symbols (stripped?)"
+    read = go_probe_offsets(path, *symbols[GO_READ])
+    write = go_probe_offsets(path, *symbols[GO_WRITE])
+    if read is None or write is None:
+        # Not an answer to keep: installing capstone changes it.
+        raise ValueError("needs python3-capstone to find Read's returns")
+    (read_entry, returns), (write_entry, _) = read, write
+    if not returns:
+        return "no return instruction found in %s" % GO_READ
+    read_at, write_at = symbols[GO_READ][0], symbols[GO_WRITE][0]
+    # Read's returns first: a Read in flight when Write's probe lands must
+    # not leave its request waiting for a response it cannot see.
+    plan = [["go_read_return", GO_READ, read_at + offset, False]
+            for offset in returns]
+    plan.append(["go_read_enter", GO_READ, read_at + read_entry, False])
+    plan.append(["go_write_enter", GO_WRITE, write_at + write_entry, False])
+    if GO_CLOSE in symbols:
+        plan.append(["go_close_enter", GO_CLOSE, symbols[GO_CLOSE][0], False])
+    return in_file(path, plan)
+
+
+def library_plan(path, family):
+    """Where a TLS library's probes go: [handler, symbol, file offset,
+    is_return] in the order they are attached. Reads before writes, so a
+    request written while the probes land does not wait for a response the
+    tracer cannot see; a return before its entry, so no call is seen
+    entering without being seen to return."""
+    probes = FAMILIES[family]["probes"]
+    symbols = elf_symbols(path, [symbol for symbol, _ in probes])
+    plan = []
+    for symbol, kind in sorted(probes,
+                               key=lambda probe: probe[1].startswith("write")):
+        if symbol in symbols:
+            enter, leave = PROBE_HANDLERS[kind]
+            address = symbols[symbol][0]
+            if leave:
+                plan.append(["%s_%s" % (family, leave), symbol, address, True])
+            plan.append(["%s_%s" % (family, enter), symbol, address, False])
+    return in_file(path, plan)
+
+
+def probe_plan(lib):
+    """library_plan or go_plan for a file, worked out once per version."""
+    if lib.family == "go":
+        return SCAN_CACHE.answer("go-probes", lib.path, go_plan)
+    return SCAN_CACHE.answer("%s-probes" % lib.family, lib.path,
+                             lambda path: library_plan(path, lib.family))
+
+
 # ---------------------------------------------------------------------------
 # BPF program
 # ---------------------------------------------------------------------------
@@ -3148,7 +3221,7 @@ def parse_query(query):
     params = {}
     for part in query.split("&"):
         name, _eq, value = part.partition("=")
-        params[unquote(name).lower() if "%" in name else name.lower()] = value
+        params[unquote(name).lower()] = value
     return params
 
 
@@ -3184,16 +3257,16 @@ def s3_target(host, target, endpoints=()):
     """
     endpoint, bucket = host_style(host or "", tuple(endpoints))
     path, _sep, query = target.partition("?")
-    if path[:1] != "/" and path.startswith(("http://", "https://")):
+    if path.startswith(("http://", "https://")):
         path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else "/"
     path = path.lstrip("/")
     if bucket is None:
         # Split first: an encoded slash belongs to its segment.
         first, slash, rest = path.partition("/")
-        bucket = (unquote(first) if "%" in first else first) or None
-        key = (unquote(rest) if "%" in rest else rest) if rest else None
+        bucket = unquote(first) or None
+        key = unquote(rest) or None
     else:
-        key = (unquote(path) if "%" in path else path) or None
+        key = unquote(path) or None
     return S3Target(endpoint, bucket, key, parse_query(query) if query else {})
 
 
@@ -3560,7 +3633,9 @@ class LabelCap:
         self.limit = limit
         self.hosts = set()
         self.pairs = set()
-        self.known = {}     # (host, bucket) as sent: labels, once admitted
+        # (host, bucket) as sent: their labels, once admitted. Bounded like
+        # the pairs (a pair has a few spellings: None and "" are "none").
+        self.known = {}
 
     @staticmethod
     def _admit(seen, value, limit):
@@ -3693,20 +3768,18 @@ TEXT_HEADER = TEXT_FORMAT % (
 
 
 def format_text(request, clock):
-    (start_ns, pid, _tid, comm, _lib, host, _endpoint, method, path, _bucket,
-     _key, op, status, req_bytes, resp_bytes, ttfb, latency, *_rest, why) = \
-        request
+    status = "-" if request.status is None else request.status
     return TEXT_FORMAT % (
-        clock.local_time(start_ns), pid,
-        "-" if latency is None else "%.2f" % latency,
-        "-" if ttfb is None else "%.2f" % ttfb, why or "-",
-        escape_text(comm), escape_text(host) if host else "-",
-        method or "-", op or "-",
-        ("-" if status is None else status) if request.complete else
-        "%s!" % ("-" if status is None else status),
-        "-" if req_bytes is None else req_bytes,
-        "-" if resp_bytes is None else resp_bytes,
-        escape_text(path) if path else "-")
+        clock.local_time(request.start_ns), request.pid,
+        "-" if request.latency_ms is None else "%.2f" % request.latency_ms,
+        "-" if request.ttfb_ms is None else "%.2f" % request.ttfb_ms,
+        request.why or "-", escape_text(request.comm),
+        escape_text(request.host) if request.host else "-",
+        request.method or "-", request.op or "-",
+        status if request.complete else "%s!" % status,
+        "-" if request.req_bytes is None else request.req_bytes,
+        "-" if request.resp_bytes is None else request.resp_bytes,
+        escape_text(request.path) if request.path else "-")
 
 
 JSON_FIELDS = (
@@ -3722,9 +3795,9 @@ JSON_LITERALS = {None: "null", True: "true", False: "false"}
 
 
 def format_json(request, clock):
-    """One line: strings as json.dumps writes them, ASCII only (every
-    control character escaped), times in ms to the microsecond: what
-    json.dumps writes."""
+    """One line, what json.dumps writes: strings ASCII only (every control
+    character escaped), times in ms rounded to the microsecond. The fields
+    are unpacked in Request's order: a new field must be added here."""
     (start_ns, pid, tid, comm, lib, host, endpoint, method, path, bucket, key,
      op, status, req_bytes, resp_bytes, ttfb, latency, server, request_id,
      error_code, complete, truncated, transfer, connect, tls, new_conn,
@@ -4015,79 +4088,6 @@ def forced_libraries(args):
                                                                    option))
             extra.append((family, path))
     return extra
-
-
-# Probe kind -> (entry handler, return handler) suffixes of the C functions.
-PROBE_HANDLERS = {"write": ("write_enter", "write_exit"),
-                  "write_ex": ("write_ex_enter", "write_exit"),
-                  "read": ("read_enter", "read_exit"),
-                  "read_ex": ("read_ex_enter", "read_exit"),
-                  "close": ("close_enter", None),
-                  "set_fd": ("set_fd_enter", None)}
-# The handlers every family's C code defines (the _ex ones are OpenSSL's).
-PROBE_HANDLERS_ALL = ("write_enter", "write_exit", "read_enter", "read_exit",
-                      "close_enter")
-GO_HANDLERS = ("write_enter", "read_enter", "read_return", "close_enter")
-
-
-def go_plan(path):
-    """Where a Go program's crypto/tls probes go, as library_plan says: the
-    entries, and every RET of Read (never a uretprobe: Go moves goroutine
-    stacks). A string says why there are none."""
-    version = go_version(path)
-    if version is None or version < GO_MIN_VERSION:
-        return "Go %s; Go >= %d.%d is supported" % (
-            "%d.%d" % version if version else "version unknown",
-            *GO_MIN_VERSION)
-    symbols = elf_symbols(path, GO_SYMBOLS)
-    if GO_READ not in symbols or GO_WRITE not in symbols:
-        return "no crypto/tls symbols (stripped?)"
-    read = go_probe_offsets(path, *symbols[GO_READ])
-    write = go_probe_offsets(path, *symbols[GO_WRITE])
-    if read is None or write is None:
-        # Not an answer to keep: installing capstone changes it.
-        raise ValueError("needs python3-capstone to find Read's returns")
-    (read_entry, returns), (write_entry, _) = read, write
-    if not returns:
-        return "no return instruction found in %s" % GO_READ
-    read_at, write_at = symbols[GO_READ][0], symbols[GO_WRITE][0]
-    # Read's returns first: a Read in flight when Write's probe lands must
-    # not leave its request waiting for a response it cannot see.
-    plan = [["go_read_return", GO_READ, read_at + offset, False]
-            for offset in returns]
-    plan.append(["go_read_enter", GO_READ, read_at + read_entry, False])
-    plan.append(["go_write_enter", GO_WRITE, write_at + write_entry, False])
-    if GO_CLOSE in symbols:
-        plan.append(["go_close_enter", GO_CLOSE, symbols[GO_CLOSE][0], False])
-    return in_file(path, plan)
-
-
-def library_plan(path, family):
-    """Where a TLS library's probes go: [handler, symbol, file offset,
-    is_return] in the order they are attached. Reads before writes, so a
-    request written while the probes land does not wait for a response the
-    tracer cannot see; a return before its entry, so no call is seen
-    entering without being seen to return."""
-    probes = FAMILIES[family]["probes"]
-    symbols = elf_symbols(path, [symbol for symbol, _ in probes])
-    plan = []
-    for symbol, kind in sorted(probes,
-                               key=lambda probe: probe[1].startswith("write")):
-        if symbol in symbols:
-            enter, leave = PROBE_HANDLERS[kind]
-            address = symbols[symbol][0]
-            if leave:
-                plan.append(["%s_%s" % (family, leave), symbol, address, True])
-            plan.append(["%s_%s" % (family, enter), symbol, address, False])
-    return in_file(path, plan)
-
-
-def probe_plan(lib):
-    """library_plan or go_plan for a file, worked out once per version."""
-    if lib.family == "go":
-        return SCAN_CACHE.answer("go-probes", lib.path, go_plan)
-    return SCAN_CACHE.answer("%s-probes" % lib.family, lib.path,
-                             lambda path: library_plan(path, lib.family))
 
 
 def attach_probes(bpf, libraries, prefix="  ", cause=None):
