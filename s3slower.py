@@ -780,8 +780,8 @@ ACTIONS = 4               # ... actions (message start, end) per run ...
 SKIP_WORDS = 128          # words of a skipped header line per action ...
 MAX_RUNS = 32             # ... and runs (tail calls) per read or write
 MAX_INFLIGHT = 2048       # requests sent and not yet answered, host-wide
-WAKE_EVERY = 32           # records per CPU between reader wake-ups
-POLL_MS = 50              # ... and the reader's timer: the output delay
+WAKE_FILL = 8             # wake the reader once 1/8 of the ring waits ...
+POLL_MS = 50              # ... else its timer reads it: the output delay
 SECOND_LOOK = 0.2         # s after a new program's exec: look again
 FULL_RESCAN = 6           # every 6th rescan looks at every process
 
@@ -994,7 +994,10 @@ static __always_inline long read_iovec(u64 seg[2], u64 addr, u32 in_kernel)
 #define ACTIONS __ACTIONS__
 #define SKIP_WORDS __SKIP_WORDS__
 #define MAX_RUNS __MAX_RUNS__
-#define WAKE_EVERY __WAKE_EVERY__
+#define WAKE_BYTES __WAKE_BYTES__    /* 1/WAKE_FILL of the ring */
+/* The ring as a map for bpf_ringbuf_query (BCC 0.26's table has no method
+ * for it): compile_image points this stand-in descriptor at the ring. */
+#define RECORDS_MAP ((void *)bpf_pseudo_fd(1, __RECORDS_FD__))
 #define PLAIN_HTTP __PLAIN_HTTP__      /* from syscall tracepoints */
 #define TCP_PROBES __TCP_PROBES__      /* from kprobes in the TCP layer */
 #define FILTER_PORT __FILTER_PORT__
@@ -1172,7 +1175,6 @@ BPF_TABLE("lru_hash", u32, u64, connecting, 16384);
 BPF_PERCPU_ARRAY(works, struct work, 1);
 BPF_ARRAY(dfa, struct dfa_tables, 1);
 BPF_PERCPU_ARRAY(blank, struct record, 1);
-BPF_PERCPU_ARRAY(wakeups, u32, 1);
 BPF_ARRAY(stats, u64, 4);
 BPF_RINGBUF_OUTPUT(records, __RINGBUF_PAGES__);
 BPF_PROG_ARRAY(uprobe_parser, 1);
@@ -1207,14 +1209,11 @@ static __always_inline void count_stat(int idx)
 
 static __always_inline u64 wake_flag(void)
 {
-    /* Wake the reader once per WAKE_EVERY records on this CPU; it also
-     * polls on a timer. A wake-up per record costs more than the record. */
-    u32 zero = 0;
-    u32 *pending = wakeups.lookup(&zero);
-    if (pending && ++*pending >= WAKE_EVERY) {
-        *pending = 0;
+    /* The reader reads on a timer, and is woken early only when 1/WAKE_FILL
+     * of the ring waits. Its work per record halves when it reads hundreds
+     * at once (its caches stay warm) instead of a few per wake-up. */
+    if (bpf_ringbuf_query(RECORDS_MAP, BPF_RB_AVAIL_DATA) >= WAKE_BYTES)
         return BPF_RB_FORCE_WAKEUP;
-    }
     return BPF_RB_NO_WAKEUP;
 }
 
@@ -2770,7 +2769,10 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
                         ("__SKIP_WORDS__", SKIP_WORDS),
                         ("__MAX_RUNS__", MAX_RUNS),
                         ("__MAX_INFLIGHT__", MAX_INFLIGHT),
-                        ("__WAKE_EVERY__", WAKE_EVERY),
+                        ("__WAKE_BYTES__",
+                         ringbuf_pages * os.sysconf("SC_PAGE_SIZE") //
+                         WAKE_FILL),
+                        ("__RECORDS_FD__", RECORDS_FD),
                         ("__PLAIN_HTTP__", int(plain == "syscalls")),
                         ("__TCP_PROBES__", int(plain == "tcp")),
                         ("__FILTER_PORT__", port or 0),
@@ -2797,6 +2799,7 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
 # here); later starts load the image kept in /var/cache/s3slower.
 BPF_PROG_TYPE_KPROBE, BPF_PROG_TYPE_TRACEPOINT = 2, 5
 BPF_LD_IMM64, BPF_PSEUDO_MAP_FD = 0x18, 1
+RECORDS_FD = 0x7ead         # the program's stand-in for the ring's descriptor
 IMAGE_VERSION = 1
 
 
@@ -2824,6 +2827,8 @@ def compile_image(bcc, text):
     maps, by_fd = [], {}
     for i in range(lib.bpf_num_tables(module)):
         by_fd[lib.bpf_table_fd_id(module, i)] = len(maps)
+        if lib.bpf_table_name(module, i) == b"records":
+            by_fd[RECORDS_FD] = len(maps)
         maps.append(dict(
             name=lib.bpf_table_name(module, i).decode(),
             type=lib.bpf_table_type_id(module, i),
