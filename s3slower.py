@@ -3083,11 +3083,19 @@ Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "retrans_start retrans_end resp_data req_data")
 
 
+RECORD_TYPE_AT = struct.calcsize("<QQQQQQQ IIIII HHH")
+
+
+@functools.lru_cache(maxsize=1024)
+def comm_text(comm):
+    """A task's name from its NUL-padded bytes (few, and seen again)."""
+    return comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def decode_record(raw):
     """Record from the bytes of one ring buffer record (or map value)."""
     fields = RECORD_HEAD.unpack_from(raw)
-    return Record._make(fields[:18] + (
-        fields[18].split(b"\0", 1)[0].decode("utf-8", "replace"),) +
+    return Record._make(fields[:18] + (comm_text(fields[18]),) +
         fields[19:] + (
         bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + fields[14]]),
         bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + fields[13]])))
@@ -3105,9 +3113,9 @@ WANTED_HEADERS = ("host", "x-amz-copy-source", "content-type",
                   "x-amz-request-id", "x-amz-error-code")
 _REQUEST_LINE = re.compile(rb"(%s) ([^ \r\n]+) HTTP/[0-9.]+\r\n" %
                            "|".join(HTTP_METHODS).encode())
-# A whole header line of a lowercased head: the name, then the value.
+# A whole header line, the name in any case: the name, then the value.
 _HEADER_LINE = {name: re.compile(rb"\n%s[ \t]*:[ \t]*([^\r\n]*)\r(?=\n)" %
-                                 re.escape(name.encode()))
+                                 re.escape(name.encode()), re.IGNORECASE)
                 for name in WANTED_HEADERS}
 
 
@@ -3117,25 +3125,24 @@ class HeadFields:
     lines only, so a head cut short gives what it has, and nothing past
     the head's end; of a repeated name, the last line wins."""
 
-    __slots__ = ("head", "lower")
+    __slots__ = ("data", "start", "end")
 
     def __init__(self, data, start):
         """The header lines start at data[start], just past a CRLF."""
         end = data.find(b"\r\n\r\n", start - 2)
-        self.head = data[start - 1:end + 2] if end >= 0 else data[start - 1:]
-        self.lower = self.head.lower()
+        self.data = data
+        self.start = start - 1          # a line starts past a LF
+        self.end = end + 2 if end >= 0 else len(data)
 
     def get(self, name, default=None):
-        line = None
-        for line in _HEADER_LINE[name].finditer(self.lower):
-            pass
-        if line is None:
+        values = _HEADER_LINE[name].findall(self.data, self.start, self.end)
+        if not values:
             return default
-        return self.head[line.start(1):line.end(1)].decode(
-            "latin-1").rstrip(" \t")
+        return values[-1].decode("latin-1").rstrip(" \t")
 
     def __contains__(self, name):
-        return _HEADER_LINE[name].search(self.lower) is not None
+        return _HEADER_LINE[name].search(self.data, self.start,
+                                         self.end) is not None
 
 
 def parse_request_head(data):
@@ -3428,14 +3435,16 @@ def slow_part(connect, tls, server, transfer, retrans):
 NS_PER_MS = 1e6
 
 
-def build_request(rec, endpoints=(), ids=True):
-    """The Request for one kernel record: its heads parsed, its times.
+def build_request(raw, endpoints=(), ids=True):
+    """The Request for the bytes of one kernel record (decoded here, not by
+    decode_record: this runs once per request): its heads parsed, its times.
     Without ids, the response head is not read: request_id and error_code
     stay None (only JSON lines print them)."""
     (req_start, req_end, resp_start, resp_end, req_bytes, resp_bytes, _handle,
-     tgid, tid, seq, req_head, resp_head, status, _req_cap, _resp_cap, _type,
-     lib, flags, comm, connect_start, connect_end, retrans_start, retrans_end,
-     resp_data, req_data) = rec
+     tgid, tid, seq, req_head, resp_head, status, req_cap, resp_cap, _type,
+     lib, flags, comm, connect_start, connect_end, retrans_start,
+     retrans_end) = RECORD_HEAD.unpack_from(raw)
+    req_data = raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + req_cap]
     complete = flags & RF_COMPLETE != 0
     req = parse_request_head(req_data)
     if req is not None:
@@ -3452,6 +3461,7 @@ def build_request(rec, endpoints=(), ids=True):
     ttfb = server = latency = transfer = None
     if resp_start:
         if ids:
+            resp_data = raw[RECORD_HEAD.size:RECORD_HEAD.size + resp_cap]
             resp = response_headers(resp_data)
             if resp is not None:
                 request_id = resp.get("x-amz-request-id")
@@ -3481,7 +3491,7 @@ def build_request(rec, endpoints=(), ids=True):
     # one reused it; a first one on a connection older than us: unknown.
     new_conn = True if connect is not None else False if seq > 1 else None
     return Request(
-        req_start, tgid, tid, comm, LIB_NAMES.get(lib, "unknown"), host,
+        req_start, tgid, tid, comm_text(comm), LIB_NAMES.get(lib, "unknown"), host,
         endpoint, method, path, bucket, key, op, status, req_bytes,
         resp_bytes, ttfb, latency, server, request_id, error_code, complete,
         req_head > len(req_data), transfer, connect, tls, new_conn, retrans,
@@ -4369,12 +4379,14 @@ class Tracer:
         # ctypes would print and swallow an exception raised here: keep it
         # for run() to re-raise once the poll returns.
         try:
-            rec = decode_record(ctypes.string_at(data, size))
-            if rec.type == REC_REQUEST:
+            raw = ctypes.string_at(data, size)
+            if raw[RECORD_TYPE_AT] == REC_REQUEST:
                 self.records += 1
-                self.report(build_request(rec, self.endpoints,
+                self.report(build_request(raw, self.endpoints,
                                           ids=self.json))
-            elif rec.type == REC_EXIT:
+                return 0
+            rec = decode_record(raw)
+            if rec.type == REC_EXIT:
                 self.records += 1
                 self.sweep(rec.tgid)
             elif rec.type == REC_EXEC:
@@ -4400,10 +4412,10 @@ class Tracer:
                         getattr(key, "conn", key).tgid != tgid:
                     continue
                 if unanswered:
-                    raw = ctypes.string_at(ctypes.addressof(value),
-                                           ctypes.sizeof(value))
-                    self.report(build_request(decode_record(raw),
-                                              self.endpoints))
+                    self.report(build_request(
+                        ctypes.string_at(ctypes.addressof(value),
+                                         ctypes.sizeof(value)),
+                        self.endpoints))
                 try:
                     del table[key]
                 except KeyError:

@@ -195,7 +195,7 @@ def test_complete_record_to_request():
                  req_end=1_200_000, status=404, resp_head=len(NOT_FOUND),
                  resp_bytes=60, resp_data=NOT_FOUND + ERROR_BODY,
                  flags=s.RF_COMPLETE)
-    req = s.build_request(s.decode_record(raw))
+    req = s.build_request(raw)
     assert (req.method, req.bucket, req.key, req.op) == \
         ("GET", "bkt", "dir/k.txt", "GetObject")
     assert "secret" not in req.path and "X-Amz-Signature=REDACTED" in req.path
@@ -210,25 +210,25 @@ def test_connection_facts_only_where_the_socket_is_known():
     base = dict(req_data=GET, resp_start=3_000_000, resp_end=5_000_000,
                 status=200, flags=s.RF_COMPLETE, connect_start=100_000,
                 connect_end=300_000, retrans_start=2, retrans_end=5)
-    known = s.build_request(s.decode_record(record(
-        **dict(base, flags=s.RF_COMPLETE | s.RF_SOCKET))))
+    known = s.build_request(record(
+        **dict(base, flags=s.RF_COMPLETE | s.RF_SOCKET)))
     assert (known.new_conn, known.connect_ms, known.tls_handshake_ms,
             known.retrans, known.why) == (True, 0.2, 0.7, 3, "net")
-    unknown = s.build_request(s.decode_record(record(**base)))
+    unknown = s.build_request(record(**base))
     assert (unknown.new_conn, unknown.connect_ms, unknown.retrans) == \
         (None, None, None)
-    reused = s.build_request(s.decode_record(record(**dict(base, seq=2))))
+    reused = s.build_request(record(**dict(base, seq=2)))
     assert reused.new_conn is False and reused.retrans is None
 
 
 def test_incomplete_and_unanswered_records_have_no_made_up_values():
-    unanswered = s.build_request(s.decode_record(record(req_data=GET)))
+    unanswered = s.build_request(record(req_data=GET))
     assert unanswered.status is None and unanswered.resp_bytes is None
     assert unanswered.ttfb_ms is None and unanswered.latency_ms is None
     assert not unanswered.complete
-    cut = s.build_request(s.decode_record(record(
+    cut = s.build_request(record(
         req_data=GET, resp_start=2_000_000, resp_end=3_000_000, status=200,
-        resp_bytes=1234, resp_data=b"HTTP/1.1 200 OK\r\nContent-Le")))
+        resp_bytes=1234, resp_data=b"HTTP/1.1 200 OK\r\nContent-Le"))
     assert (cut.status, cut.resp_bytes, cut.ttfb_ms) == (200, 1234, 1.0)
     assert cut.latency_ms is None and not cut.complete
 
@@ -238,7 +238,7 @@ def test_head_longer_than_kept_is_marked_truncated():
     raw = record(req_data=head[:s.REQ_CAP], req_head=len(head) + 4,
                  req_bytes=11, flags=s.RF_COMPLETE, resp_start=2, resp_end=3,
                  status=200)
-    req = s.build_request(s.decode_record(raw))
+    req = s.build_request(raw)
     assert req.truncated and req.method == "PUT" and req.host == "h"
     assert req.req_bytes == 11
 
@@ -272,7 +272,7 @@ def test_operation_does_not_depend_on_signatures():
                        ("/bucket?location", "GetBucketLocation")):
         raw = record(req_data=b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" %
                      target.encode())
-        assert s.build_request(s.decode_record(raw)).op == op, target
+        assert s.build_request(raw).op == op, target
 
 
 def test_record_layout_matches_the_c_struct():
