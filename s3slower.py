@@ -3074,16 +3074,15 @@ class BpfObject:
 # ---------------------------------------------------------------------------
 
 # struct record up to resp_data[]: must match the C layout above.
-RECORD_HEAD = struct.Struct("<QQQQQQQ IIIII HHH BBB3x 16s QQII")
+_BEFORE_TYPE = "<QQQQQQQ IIIII HHH"
+RECORD_HEAD = struct.Struct(_BEFORE_TYPE + " BBB3x 16s QQII")
+RECORD_TYPE_AT = struct.calcsize(_BEFORE_TYPE)     # the type's byte
 REQ_DATA_OFFSET = RECORD_HEAD.size + RESP_CAP
 Record = namedtuple("Record", "req_start req_end resp_start resp_end "
                               "req_bytes resp_bytes handle tgid tid seq "
                               "req_head resp_head status req_cap resp_cap "
                               "type lib flags comm connect_start connect_end "
                               "retrans_start retrans_end resp_data req_data")
-
-
-RECORD_TYPE_AT = struct.calcsize("<QQQQQQQ IIIII HHH")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -3095,10 +3094,10 @@ def comm_text(comm):
 def decode_record(raw):
     """Record from the bytes of one ring buffer record (or map value)."""
     fields = RECORD_HEAD.unpack_from(raw)
-    return Record._make(fields[:18] + (comm_text(fields[18]),) +
-        fields[19:] + (
-        bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + fields[14]]),
-        bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + fields[13]])))
+    return Record._make(
+        fields[:18] + (comm_text(fields[18]),) + fields[19:] +
+        (bytes(raw[RECORD_HEAD.size:RECORD_HEAD.size + fields[14]]),
+         bytes(raw[REQ_DATA_OFFSET:REQ_DATA_OFFSET + fields[13]])))
 
 
 # ---------------------------------------------------------------------------
@@ -3491,8 +3490,8 @@ def build_request(raw, endpoints=(), ids=True):
     # one reused it; a first one on a connection older than us: unknown.
     new_conn = True if connect is not None else False if seq > 1 else None
     return Request(
-        req_start, tgid, tid, comm_text(comm), LIB_NAMES.get(lib, "unknown"), host,
-        endpoint, method, path, bucket, key, op, status, req_bytes,
+        req_start, tgid, tid, comm_text(comm), LIB_NAMES.get(lib, "unknown"),
+        host, endpoint, method, path, bucket, key, op, status, req_bytes,
         resp_bytes, ttfb, latency, server, request_id, error_code, complete,
         req_head > len(req_data), transfer, connect, tls, new_conn, retrans,
         slow_part(connect, tls, server, transfer, retrans))

@@ -16,8 +16,10 @@ Loads against the distribution's nginx on 127.0.0.1 (TLS, keep-alive):
                as fast as they go: the rate with no lost events is the
                highest loss-free rate this load generator reaches
 Prints medians over the rounds: requests/s, µs added per request over no
-tracer, that as a ratio to the floor's, the tracer's CPU per request, lost
-events, and time from launch to "Tracing".
+tracer, that as a ratio to the floor's, the tracer's CPU per request, the
+time its BPF programs ran per request (kernel.bpf_stats_enabled: the work
+they add to the traced client, a figure without the wall clock's noise),
+lost events, and time from launch to "Tracing".
 
 usage: bench/overhead.py [--rounds 3] [--requests 6000] [--json FILE]
 """
@@ -111,6 +113,42 @@ def cpu_seconds(pid):
         return 0.0
 
 
+def bpf_run_ns(pid):
+    """Nanoseconds the BPF programs a process holds have run (tail-called
+    programs count in their caller's), from their descriptors' fdinfo."""
+    total = 0
+    try:
+        fds = os.listdir("/proc/%d/fdinfo" % pid)
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                info = f.read()
+        except OSError:
+            continue
+        match = re.search(r"^run_time_ns:\s*(\d+)", info, re.M)
+        if match and "prog_type" in info:
+            total += int(match.group(1))
+    return total
+
+
+class BpfStats:
+    """kernel.bpf_stats_enabled on for the benchmark, as it was after."""
+
+    PATH = "/proc/sys/kernel/bpf_stats_enabled"
+
+    def __enter__(self):
+        with open(self.PATH) as f:
+            self.was = f.read().strip()
+        with open(self.PATH, "w") as f:
+            f.write("1")
+
+    def __exit__(self, *exc):
+        with open(self.PATH, "w") as f:
+            f.write(self.was)
+
+
 class TracerFailed(Exception):
     pass
 
@@ -171,6 +209,15 @@ def main():
     server = NginxServer()
     results = []      # dicts: round, condition, load, n, seconds, cpu, ...
     broken = set()    # conditions whose tracer cannot run on this host
+    with BpfStats():
+        run(args, server, results, broken)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    report(results)
+
+
+def run(args, server, results, broken):
     try:
         for rnd in range(args.rounds):
             conds = [c for c in conditions() if c[0] not in broken]
@@ -185,15 +232,17 @@ def main():
                     broken.add(name)
                     continue
                 for load, n, cmd in loads(server, args.requests):
-                    before = cpu_seconds(tracer.proc.pid) if tracer else 0
+                    pid = tracer.proc.pid if tracer else None
+                    before = cpu_seconds(pid) if tracer else 0
+                    bpf_before = bpf_run_ns(pid) if tracer else 0
                     started = time.monotonic()
                     subprocess.run(cmd, check=True)
                     seconds = time.monotonic() - started
                     time.sleep(0.3)    # let the tracer drain its buffer
-                    cpu = cpu_seconds(tracer.proc.pid) - before \
-                        if tracer else 0
+                    cpu = cpu_seconds(pid) - before if tracer else 0
+                    bpf = bpf_run_ns(pid) - bpf_before if tracer else 0
                     results.append(dict(round=rnd, condition=name, load=load,
-                                        n=n, seconds=seconds, cpu=cpu,
+                                        n=n, seconds=seconds, cpu=cpu, bpf=bpf,
                                         startup=tracer.startup if tracer
                                         else None))
                 lost = tracer.stop() if tracer else None
@@ -203,10 +252,6 @@ def main():
                 print("round %d %-9s done" % (rnd + 1, name), file=sys.stderr)
     finally:
         server.stop()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    report(results)
 
 
 def median(values):
@@ -238,9 +283,9 @@ def report(results):
         floor = per_request_us("floor")
         print("\n%s (%d requests a run, medians of %d rounds)" % (
             load, rows[0]["n"], len({r["round"] for r in rows})))
-        print("%-10s %10s %12s %9s %11s %12s %6s %9s" % (
+        print("%-10s %10s %12s %9s %11s %12s %11s %6s %9s" % (
             "condition", "req/s", "added_us/req", "x_floor", "tracer_cpu_s",
-            "cpu_us/req", "lost", "startup_s"))
+            "cpu_us/req", "bpf_us/req", "lost", "startup_s"))
         for cond in names:
             mine = [r for r in rows if r["condition"] == cond]
             rate = median([r["n"] / r["seconds"] for r in mine])
@@ -249,15 +294,18 @@ def report(results):
                 cond not in ("none", "floor") else None
             cpu = median([r["cpu"] for r in mine]) if cond != "none" else None
             cpu_us = cpu / mine[0]["n"] * 1e6 if cpu is not None else None
+            bpf = median([r.get("bpf") for r in mine]) \
+                if cond != "none" else None
+            bpf_us = bpf / mine[0]["n"] / 1e3 if bpf else None
             lost = median([r.get("lost") for r in mine])
             startup = median([r["startup"] for r in mine])
 
             def fmt(v, spec):
                 return spec % v if v is not None else "-"
-            print("%-10s %10s %12s %9s %11s %12s %6s %9s" % (
+            print("%-10s %10s %12s %9s %11s %12s %11s %6s %9s" % (
                 cond, fmt(rate, "%.0f"), fmt(added, "%.1f"),
                 fmt(ratio, "%.2f"), fmt(cpu, "%.2f"), fmt(cpu_us, "%.1f"),
-                fmt(lost, "%d"), fmt(startup, "%.2f")))
+                fmt(bpf_us, "%.1f"), fmt(lost, "%d"), fmt(startup, "%.2f")))
 
 
 if __name__ == "__main__":
