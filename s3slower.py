@@ -1855,13 +1855,14 @@ static __always_inline int enter_io(struct pt_regs *ctx, u32 lib, u64 handle,
         return 0;
     if (lib == LIB_NSS && !nspr_layered(handle))
         return 0;
-    if (is_read) {
-        /* Reads only matter on connections waiting for a response. */
-        struct conn_key k = {.handle = handle, .tgid = tgid, .lib = lib};
-        struct conn_state *s = conns.lookup(&k);
-        if (!s || s->ignored || s->answered >= s->sent)
-            return 0;
-    }
+    /* Reads only matter on connections waiting for a response; writes on
+     * all but those known not to be HTTP/1.x clients (a server's, HTTP/2,
+     * other protocols): they pay this lookup, not the call's bookkeeping. */
+    struct conn_key k = {.handle = handle, .tgid = tgid, .lib = lib};
+    struct conn_state *s = conns.lookup(&k);
+    if (is_read ? !s || s->ignored || s->answered >= s->sent
+                : s && s->ignored)
+        return 0;
     struct call_args a = {.handle = handle, .buf = buf, .sizep = sizep,
                           .start = bpf_ktime_get_ns(),
                           .sp = PT_REGS_SP(ctx), .lib = lib};
