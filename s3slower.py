@@ -314,13 +314,19 @@ def loader_cache_paths():
         return
 
 
-def process_files(pids):
+def process_files(pids, examined=frozenset()):
     """Files processes execute: their executables and executable mappings,
-    as paths the tracer can open (a container's copy through its root)."""
+    as (path the tracer can open, a container's copy through its root;
+    the file as the maps name it: path, device, inode, or None).
+
+    Files named in examined are left out: a tracer that looks at processes
+    again and again (at each exec and mmap, at rescans) looks into each
+    file once. A new program mapping 30 libraries was looked at 30 times,
+    all of its files each time: 7 000 stat calls."""
     for pid in pids:
-        paths = set()
+        files = {}
         try:
-            paths.add(os.readlink("/proc/%d/exe" % pid))
+            exe = os.readlink("/proc/%d/exe" % pid)
             with open("/proc/%d/maps" % pid) as maps:
                 lines = maps.read().splitlines()
         except OSError:
@@ -329,9 +335,11 @@ def process_files(pids):
             parts = line.split(None, 5)
             if len(parts) == 6 and "x" in parts[1] and \
                     parts[5].startswith("/"):
-                paths.add(parts[5])
-        for path in paths:
-            if path.endswith(" (deleted)"):
+                files[parts[5]] = (parts[5], parts[3], parts[4])
+        if exe not in files:
+            files[exe] = None
+        for path, file in files.items():
+            if path.endswith(" (deleted)") or file in examined:
                 continue
             # Seen through the process's root: a container's copy differs
             # from the host file of the same name.
@@ -340,7 +348,7 @@ def process_files(pids):
                 same = os.path.samefile(in_root, path)
             except OSError:
                 same = not os.path.exists(in_root)
-            yield path if same else in_root
+            yield path if same else in_root, file
 
 
 def all_pids():
@@ -629,7 +637,7 @@ def candidate_files():
 
 def discover_libraries(families, extra, pid=None, known=None,
                        candidates=(), loader_cache=True, pids=None,
-                       looked_at=None):
+                       looked_at=None, examined=None):
     """Distinct files to attach to, one per (family, device, inode).
 
     families: names from FAMILIES to auto-discover; extra: (family, path)
@@ -638,8 +646,9 @@ def discover_libraries(families, extra, pid=None, known=None,
     more files to look into (programs not running yet). Files whose
     identity is in known (a set, updated) are left out: what a rescan
     finds is only what is new. looked_at (a set) gets the kernel identity
-    (device, inode) of every file looked at. Returns (files, number of
-    files scanned).
+    (device, inode) of every file looked at. examined (a set, updated): the
+    mapped files looked into, as process_files names them; they are left
+    out. Returns (files, number of files scanned).
     """
     found = []
     known = set() if known is None else known
@@ -665,23 +674,8 @@ def discover_libraries(families, extra, pid=None, known=None,
                 not pattern.search(os.path.basename(path)))
     scanned = set()
     look_inside = "openssl" in families or "go" in families
-    # Files processes run, files they may run, then the loader's cache (with
-    # --pid too: the process may load a TLS library later).
-    if pids is None:
-        pids = [pid] if pid else all_pids()
-    sources = [(p, True) for p in process_files(pids)]
-    sources += [(p, True) for p in candidates]
-    if loader_cache:
-        sources += [(p, False) for p in loader_cache_paths()]
-    for path, scan in sources:
-        name = os.path.basename(path)
-        matched = [f for f in families if FAMILIES[f]["pattern"] and
-                   FAMILIES[f]["pattern"].search(name)]
-        if not matched and not (scan and look_inside):
-            continue
-        st = stat(path)
-        if st is None:
-            continue
+
+    def look_into(path, st, matched):
         if looked_at is not None:
             looked_at.add((kernel_dev(st.st_dev), st.st_ino))
         for family in matched:
@@ -692,6 +686,27 @@ def discover_libraries(families, extra, pid=None, known=None,
             for family in families:
                 if family in built_in:
                     add(family, path, st, static=True)
+
+    # Files processes run, files they may run, then the loader's cache (with
+    # --pid too: the process may load a TLS library later).
+    if pids is None:
+        pids = [pid] if pid else all_pids()
+    sources = [(p, True, file) for p, file in
+               process_files(pids, () if examined is None else examined)]
+    sources += [(p, True, None) for p in candidates]
+    if loader_cache:
+        sources += [(p, False, None) for p in loader_cache_paths()]
+    for path, scan, file in sources:
+        name = os.path.basename(path)
+        matched = [f for f in families if FAMILIES[f]["pattern"] and
+                   FAMILIES[f]["pattern"].search(name)]
+        if matched or scan and look_inside:
+            st = stat(path)
+            if st is None:
+                continue        # gone: looked into when seen again
+            look_into(path, st, matched)
+        if file and examined is not None:
+            examined.add(file)
     return found, len(scanned)
 
 
@@ -784,6 +799,7 @@ WAKE_FILL = 8             # wake the reader once 1/8 of the ring waits ...
 POLL_MS = 50              # ... else its timer reads it: the output delay
 SECOND_LOOK = 0.2         # s after a new program's exec: look again
 FULL_RESCAN = 6           # every 6th rescan looks at every process
+MAX_EXAMINED = 100000     # mapped files remembered as looked into
 
 # HTTP/1.x framing as a table-driven automaton. The kernel walks the same
 # tables a byte at a time with no branches but the loop's (the verifier's
@@ -4254,6 +4270,7 @@ class Tracer:
         self.lines = []         # of the records read, written together
         self.plain = plain_method(args)
         self.second_looks = deque()     # (when, pid) after an exec
+        self.examined = set()   # files mapped, looked into: process_files
         self.seen_pids = set(all_pids())
         self.rescans = 0
         self.records = 0        # of requests and exits
@@ -4483,10 +4500,7 @@ class Tracer:
             while self.second_looks and \
                     self.second_looks[0][0] <= time.monotonic():
                 _, pid = self.second_looks.popleft()
-                new, _ = discover_libraries(
-                    selected_families(self.args), [], pid, self.known,
-                    loader_cache=False)
-                self.attach_new(new)
+                self.attach_new(self.discover(pids=[pid]))
             self.bpf.ring_buffer_poll(POLL_MS)
             self.bpf.ring_buffer_consume()
             if self.error:
@@ -4517,11 +4531,19 @@ class Tracer:
         self.seen_pids = set(pids)
         if self.args.pid:
             look = [self.args.pid]
-        new, _ = discover_libraries(selected_families(self.args), [],
-                                    None, self.known, pids=look,
-                                    loader_cache=False)
-        self.attach_new(new)
+        self.attach_new(self.discover(pids=look))
         SCAN_CACHE.save()
+
+    def discover(self, pids, candidates=()):
+        """Library files new to us in what these processes map (and in
+        candidates): each file is looked into once."""
+        if len(self.examined) > MAX_EXAMINED:
+            self.examined.clear()       # look into them all again, once
+        new, _ = discover_libraries(selected_families(self.args), [], None,
+                                    self.known, candidates,
+                                    loader_cache=False, pids=pids,
+                                    examined=self.examined)
+        return new
 
     def look_at(self, pid, cause, candidates=()):
         """A process ran or mapped a file user space has not looked at:
@@ -4530,10 +4552,7 @@ class Tracer:
         candidates: its exec path, for a process gone already."""
         if os.path.exists("/proc/%d" % pid):
             candidates = []     # its own view: /proc/PID/exe, its root
-        new, _ = discover_libraries(selected_families(self.args), [], pid,
-                                    self.known, candidates,
-                                    loader_cache=False)
-        self.attach_new(new, cause)
+        self.attach_new(self.discover([pid], candidates), cause)
         self.second_looks.append((time.monotonic() + SECOND_LOOK, pid))
 
     def attach_new(self, new, cause=None):

@@ -225,3 +225,29 @@ def test_probes_go_to_the_file_offsets_bcc_would_use(clients):
             _, expected = BPF._check_path_symbol(path.encode(), b"", address,
                                                  -1, 0)
             assert offset == expected, (path, name, hex(address), seed)
+
+
+def test_mapped_files_looked_into_once():
+    """A process looked at again (at each of its mmaps, at rescans): only
+    the files it mapped since are looked into. Each look used to stat all
+    of its files again: 7 000 stat calls for one new curl."""
+    import ctypes
+    examined, known = set(), set()
+    s.discover_libraries(["openssl"], [], pids=[os.getpid()], known=known,
+                         loader_cache=False, examined=examined)
+    assert examined and list(s.process_files([os.getpid()], examined)) == []
+    copy_dir = tempfile.mkdtemp(prefix="s3slower-examined")
+    try:
+        copy = os.path.join(copy_dir, "libssl.so.3")
+        shutil.copy(SYSTEM_LIBSSL, copy)
+        ctypes.CDLL(copy)
+        assert [path for path, _ in
+                s.process_files([os.getpid()], examined)] == [copy]
+        found, _ = s.discover_libraries(
+            ["openssl"], [], pids=[os.getpid()], known=known,
+            loader_cache=False, examined=examined)
+        assert [(lib.family, lib.path) for lib in found] == \
+            [("openssl", copy)]
+        assert list(s.process_files([os.getpid()], examined)) == []
+    finally:
+        shutil.rmtree(copy_dir, ignore_errors=True)
