@@ -3826,9 +3826,11 @@ JSON_LITERALS = {None: "null", True: "true", False: "false"}
 
 
 def format_json(request, clock):
-    """One line, what json.dumps writes: strings ASCII only (every control
-    character escaped), times in ms rounded to the microsecond. The fields
-    are unpacked in Request's order: a new field must be added here."""
+    """One line, what json.dumps writes but for the times: in ms with three
+    decimals (the microsecond; json.dumps(round(t, 3)) costs twice as
+    much). Strings are ASCII only, every control character escaped. The
+    fields are unpacked in Request's order: a new field must be added
+    here."""
     (start_ns, pid, tid, comm, lib, host, endpoint, method, path, bucket, key,
      op, status, req_bytes, resp_bytes, ttfb, latency, server, request_id,
      error_code, complete, truncated, transfer, connect, tls, new_conn,
@@ -3848,12 +3850,12 @@ def format_json(request, clock):
         "null" if status is None else status,
         "null" if req_bytes is None else req_bytes,
         "null" if resp_bytes is None else resp_bytes,
-        "null" if ttfb is None else repr(round(ttfb, 3)),
-        "null" if latency is None else repr(round(latency, 3)),
-        "null" if server is None else repr(round(server, 3)),
-        "null" if transfer is None else repr(round(transfer, 3)),
-        "null" if connect is None else repr(round(connect, 3)),
-        "null" if tls is None else repr(round(tls, 3)),
+        "null" if ttfb is None else "%.3f" % ttfb,
+        "null" if latency is None else "%.3f" % latency,
+        "null" if server is None else "%.3f" % server,
+        "null" if transfer is None else "%.3f" % transfer,
+        "null" if connect is None else "%.3f" % connect,
+        "null" if tls is None else "%.3f" % tls,
         JSON_LITERALS[new_conn], "null" if retrans is None else retrans,
         "null" if why is None else text(why),
         "null" if request_id is None else text(request_id),
