@@ -3535,13 +3535,11 @@ class LatencyHistogram:
         self.log_gamma = math.log(self.gamma)
         self.buckets = defaultdict(int)
         self.count = 0
-        self.total = 0.0
         self.max = 0.0
         self.min = math.inf
 
     def add(self, value):
         self.count += 1
-        self.total += value
         if value > self.max:
             self.max = value
         if value < self.min:
@@ -3557,7 +3555,6 @@ class LatencyHistogram:
         for index, n in other.buckets.items():
             self.buckets[index] += n
         self.count += other.count
-        self.total += other.total
         self.max = max(self.max, other.max)
         self.min = min(self.min, other.min)
 
