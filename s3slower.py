@@ -2816,7 +2816,7 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
 # here); later starts load the image kept in /var/cache/s3slower.
 BPF_PROG_TYPE_KPROBE, BPF_PROG_TYPE_TRACEPOINT = 2, 5
 BPF_LD_IMM64, BPF_PSEUDO_MAP_FD = 0x18, 1
-RECORDS_FD = 0x7ead         # the program's stand-in for the ring's descriptor
+RECORDS_FD = -0x7ead        # the ring's descriptor in the program: no fd is negative
 IMAGE_VERSION = 1
 
 
