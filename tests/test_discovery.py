@@ -251,3 +251,34 @@ def test_mapped_files_looked_into_once():
         assert list(s.process_files([os.getpid()], examined)) == []
     finally:
         shutil.rmtree(copy_dir, ignore_errors=True)
+
+
+def test_rescans_look_at_everyone_seldom_or_after_losses(monkeypatch):
+    """Rescans look at the processes started since the last one. They look
+    at all of them every FULL_RESCAN-th time, or every FULL_RESCAN_HOOKED-th
+    time where the kernel reports execs and mmaps, and at once after lost
+    records (a lost report of a new file is not sent again)."""
+    t = s.Tracer(s.parse_args([]), open(os.devnull, "w"))
+    pids = [1, 2, 3]
+    lost = [0]
+    looked = []
+    monkeypatch.setattr(s, "all_pids", lambda: list(pids))
+    monkeypatch.setattr(t, "lost_events", lambda: lost[0])
+    monkeypatch.setattr(t, "discover", lambda pids: looked.append(pids))
+    monkeypatch.setattr(t, "attach_new", lambda new: None)
+    monkeypatch.setattr(s.SCAN_CACHE, "save", lambda: None)
+    t.seen_pids = set(pids)
+
+    def rescans(n):
+        looked.clear()
+        for _ in range(n):
+            t.rescan()
+        return [len(p) for p in looked]
+    t.hooked = False
+    assert rescans(s.FULL_RESCAN) == [0] * (s.FULL_RESCAN - 1) + [3]
+    t.hooked, t.rescans = True, 0
+    pids.append(4)                      # started since: looked at once
+    assert rescans(s.FULL_RESCAN_HOOKED) == \
+        [1] + [0] * (s.FULL_RESCAN_HOOKED - 2) + [4]
+    lost[0] = 5
+    assert rescans(2) == [4, 0]
