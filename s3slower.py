@@ -797,7 +797,6 @@ MAX_RUNS = 32             # ... and runs (tail calls) per read or write
 MAX_INFLIGHT = 2048       # requests sent and not yet answered, host-wide
 WAKE_FILL = 8             # wake the reader once 1/8 of the ring waits ...
 POLL_MS = 50              # ... else its timer reads it: the output delay
-IDLE_MS = 250             # an idle reader's timer: a first record wakes it
 SECOND_LOOK = 0.2         # s after a new program's exec: look again
 FULL_RESCAN = 6           # every 6th rescan looks at every process ...
 FULL_RESCAN_HOOKED = 30   # ... every 30th where the kernel reports mmaps
@@ -1194,7 +1193,6 @@ BPF_PERCPU_ARRAY(works, struct work, 1);
 BPF_ARRAY(dfa, struct dfa_tables, 1);
 BPF_PERCPU_ARRAY(blank, struct record, 1);
 BPF_ARRAY(stats, u64, 4);
-BPF_ARRAY(reader_idle, u32, 1);     /* set by the reader, cleared here */
 BPF_RINGBUF_OUTPUT(records, __RINGBUF_PAGES__);
 BPF_PROG_ARRAY(uprobe_parser, 1);
 BPF_PROG_ARRAY(tracepoint_parser, 1);
@@ -1228,16 +1226,9 @@ static __always_inline void count_stat(int idx)
 
 static __always_inline u64 wake_flag(void)
 {
-    /* A busy reader reads on a timer, and is woken early only when
-     * 1/WAKE_FILL of the ring waits: its work per record halves when it
-     * reads hundreds at once (its caches stay warm) instead of a few per
-     * wake-up. An idle one sleeps longer, and the first record wakes it. */
-    u32 zero = 0;
-    u32 *idle = reader_idle.lookup(&zero);
-    if (idle && *idle) {
-        *idle = 0;
-        return BPF_RB_FORCE_WAKEUP;
-    }
+    /* The reader reads on a timer, and is woken early only when 1/WAKE_FILL
+     * of the ring waits. Its work per record halves when it reads hundreds
+     * at once (its caches stay warm) instead of a few per wake-up. */
     if (bpf_ringbuf_query(RECORDS_MAP, BPF_RB_AVAIL_DATA) >= WAKE_BYTES)
         return BPF_RB_FORCE_WAKEUP;
     return BPF_RB_NO_WAKEUP;
@@ -4319,7 +4310,6 @@ class Tracer:
         self.inflight = self.bpf["inflight"]
         self.conns = self.bpf["conns"]
         self.stats_map = self.bpf["stats"]
-        self.reader_idle = self.bpf["reader_idle"]
         self.arm_file_filter(layout)
         self.bpf.open_ring_buffer("records", self.on_record)
         return attached
@@ -4504,7 +4494,6 @@ class Tracer:
         # next line we would write: no requests may come for a long time.
         reader_gone = select.poll()
         reader_gone.register(self.out.fileno(), select.POLLERR)
-        idle = False
         while not self.stop:
             if reader_gone.poll(0):
                 raise BrokenPipeError
@@ -4515,25 +4504,10 @@ class Tracer:
                     self.second_looks[0][0] <= time.monotonic():
                 _, pid = self.second_looks.popleft()
                 self.attach_new(self.discover(pids=[pid]))
-            wait_ms = POLL_MS
-            if idle:
-                deadlines = [t for t in (next_rescan, next_tables) if t]
-                if self.second_looks:
-                    deadlines.append(self.second_looks[0][0])
-                wait_ms = min([IDLE_MS] + [
-                    max(0, int((t - time.monotonic()) * 1e3) + 1)
-                    for t in deadlines])
-            handled = self.records + self.new_files
-            self.bpf.ring_buffer_poll(wait_ms)
+            self.bpf.ring_buffer_poll(POLL_MS)
             self.bpf.ring_buffer_consume()
             if self.error:
                 raise self.error
-            if self.records + self.new_files == handled and not idle:
-                # Nothing came: sleep longer, and have the kernel wake us
-                # at the next record (one that came meanwhile: read now).
-                self.reader_idle[ctypes.c_int(0)] = ctypes.c_uint32(1)
-                self.bpf.ring_buffer_consume()
-            idle = self.records + self.new_files == handled
             self.write_lines()
             if next_tables and time.monotonic() >= next_tables:
                 next_tables += interval

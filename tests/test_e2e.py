@@ -649,34 +649,3 @@ def test_large_get_costs_few_user_space_events(s3_server):
     summary = [l for l in t.stderr().splitlines() if "kernel records" in l][0]
     events = int(summary.split(" from ")[1].split()[0])
     assert events <= 12, summary     # curl reads 16 KiB at a time: 4096 reads
-
-
-def test_idle_tracer_sleeps_and_the_first_request_wakes_it(s3_server):
-    """A tracer with nothing to read wakes a few times a second, not at its
-    busy pace (20: once per 50 ms), and the kernel wakes it at the first
-    record: a request after a quiet spell is printed at once, not at the
-    idle timer's next tick (a quarter of a second)."""
-    require_bpf()
-    url = seed(s3_server, "idlebkt", "k", "data")
-    t = Tracer("--comm", "curl")
-
-    def wake_ups():
-        with open("/proc/%d/status" % t.proc.pid) as f:
-            return int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
-    try:
-        time.sleep(1)
-        before = wake_ups()
-        time.sleep(5)
-        assert wake_ups() - before <= 40, "woke %d times in 5 s" % (
-            wake_ups() - before)
-        delays = []
-        for n in range(1, 8):
-            time.sleep(0.6)             # quiet: the reader goes idle
-            run_client(["curl", "-skf", "-o", "/dev/null", url + "/k"])
-            done = time.monotonic()
-            assert wait_until(lambda: len(t.records()) >= n, 10, 0.005)
-            delays.append(time.monotonic() - done)
-    finally:
-        t.stop()
-    delays.sort()
-    assert delays[len(delays) // 2] < 0.08, delays
