@@ -314,7 +314,7 @@ def loader_cache_paths():
         return
 
 
-def process_files(pids, examined=frozenset()):
+def process_files(pids, examined=()):
     """Files processes execute: their executables and executable mappings,
     as (path the tracer can open, a container's copy through its root;
     the file as the maps name it: path, device, inode, or None).
@@ -659,7 +659,8 @@ def discover_libraries(families, extra, pid=None, known=None,
             known.add(ident)
             found.append(LibraryFile(family, path, static))
 
-    def stat(path):
+    def regular_file(path):
+        """Its os.stat, or None (gone, not a regular file)."""
         try:
             st = os.stat(path)
         except OSError:
@@ -667,7 +668,7 @@ def discover_libraries(families, extra, pid=None, known=None,
         return st if os.path.isfile(path) else None
 
     for family, path in extra:
-        st = stat(path)
+        st = regular_file(path)
         if st:
             pattern = FAMILIES[family]["pattern"]
             add(family, path, st, static=not pattern or
@@ -692,7 +693,7 @@ def discover_libraries(families, extra, pid=None, known=None,
     if pids is None:
         pids = [pid] if pid else all_pids()
     sources = [(p, True, file) for p, file in
-               process_files(pids, () if examined is None else examined)]
+               process_files(pids, examined or ())]
     sources += [(p, True, None) for p in candidates]
     if loader_cache:
         sources += [(p, False, None) for p in loader_cache_paths()]
@@ -701,7 +702,7 @@ def discover_libraries(families, extra, pid=None, known=None,
         matched = [f for f in families if FAMILIES[f]["pattern"] and
                    FAMILIES[f]["pattern"].search(name)]
         if matched or scan and look_inside:
-            st = stat(path)
+            st = regular_file(path)
             if st is None:
                 continue        # gone: looked into when seen again
             look_into(path, st, matched)
@@ -2817,7 +2818,7 @@ def bpf_program(pid=None, comm=None, max_conns=65536, ringbuf_pages=1024,
 # here); later starts load the image kept in /var/cache/s3slower.
 BPF_PROG_TYPE_KPROBE, BPF_PROG_TYPE_TRACEPOINT = 2, 5
 BPF_LD_IMM64, BPF_PSEUDO_MAP_FD = 0x18, 1
-RECORDS_FD = -0x7ead        # the ring's descriptor in the program: no fd is negative
+RECORDS_FD = -0x7ead        # the ring in the program: no real fd is negative
 IMAGE_VERSION = 1
 
 
@@ -2844,11 +2845,12 @@ def compile_image(bcc, text):
         getattr(lib, name).restype = restype
     maps, by_fd = [], {}
     for i in range(lib.bpf_num_tables(module)):
+        name = lib.bpf_table_name(module, i).decode()
         by_fd[lib.bpf_table_fd_id(module, i)] = len(maps)
-        if lib.bpf_table_name(module, i) == b"records":
+        if name == "records":
             by_fd[RECORDS_FD] = len(maps)
         maps.append(dict(
-            name=lib.bpf_table_name(module, i).decode(),
+            name=name,
             type=lib.bpf_table_type_id(module, i),
             key_size=lib.bpf_table_key_size_id(module, i),
             leaf_size=lib.bpf_table_leaf_size_id(module, i),
